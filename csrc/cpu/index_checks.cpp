@@ -1,0 +1,87 @@
+#include "cpu/index_checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+namespace grouter::cpu {
+namespace {
+
+// Above this K a pairwise duplicate scan (K^2/2 compares) loses to a per-task "last seen" table.
+constexpr int64_t kPairwiseMaxK = 24;
+
+template <typename id_t>
+int64_t first_bad_token(const id_t* ids, int64_t T, int64_t K, int64_t E) {
+  int64_t first_bad = T;
+  std::mutex mu;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> seen_at;  // seen_at[e] = 1 + last token that used e
+    if (K > kPairwiseMaxK) seen_at.assign(E, 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const id_t* row = ids + t * K;
+      bool bad = false;
+      for (int64_t k = 0; k < K && !bad; ++k) bad = row[k] < 0 || row[k] >= E;
+      if (!bad && K > kPairwiseMaxK) {
+        for (int64_t k = 0; k < K && !bad; ++k) {
+          bad = seen_at[row[k]] == t + 1;
+          seen_at[row[k]] = t + 1;
+        }
+      } else if (!bad) {
+        for (int64_t a = 1; a < K && !bad; ++a)
+          for (int64_t b = 0; b < a && !bad; ++b) bad = row[a] == row[b];
+      }
+      if (bad) {
+        std::lock_guard<std::mutex> lock(mu);
+        first_bad = std::min(first_bad, t);
+        return;
+      }
+    }
+  });
+  return first_bad;
+}
+
+template <typename id_t>
+void raise_for_token(const char* op, const id_t* ids, int64_t t, int64_t K, int64_t E) {
+  const id_t* row = ids + t * K;
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK_INDEX(row[k] >= 0 && row[k] < E, "grouter.", op, ": expert id ",
+                      static_cast<int64_t>(row[k]), " at [token ", t, ", k ", k,
+                      "] is outside [0, ", E, ")");
+  for (int64_t a = 1; a < K; ++a)
+    for (int64_t b = 0; b < a; ++b)
+      TORCH_CHECK_VALUE(row[a] != row[b], "grouter.", op, ": token ", t, " repeats expert ",
+                        static_cast<int64_t>(row[a]), " (at k ", b, " and k ", a,
+                        "); a token's K expert ids must be distinct");
+}
+
+}  // namespace
+
+void check_expert_id_values(const char* op, const at::Tensor& ids, int64_t num_experts) {
+  const int64_t T = ids.size(0), K = ids.size(1);
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "grouter_check_expert_ids", [&] {
+    const index_t* p = ids.const_data_ptr<index_t>();
+    const int64_t bad = first_bad_token(p, T, K, num_experts);
+    if (bad < T) raise_for_token(op, p, bad, K, num_experts);
+  });
+}
+
+void check_row_of_values(const char* op, const at::Tensor& row_of) {
+  const int64_t n = row_of.numel();
+  const int32_t* rows = row_of.const_data_ptr<int32_t>();
+  std::vector<uint8_t> hit(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t r = rows[i];
+    TORCH_CHECK_INDEX(r >= 0 && r < n, "grouter.", op, ": row_of holds row ", r,
+                      " outside [0, T*K=", n, "); pass the plan built by routing_plan");
+    TORCH_CHECK_VALUE(!hit[r], "grouter.", op, ": row_of names row ", r,
+                      " twice; it must be a permutation of 0..T*K-1 (use routing_plan)");
+    hit[r] = 1;
+  }
+}
+
+}  // namespace grouter::cpu

@@ -1,0 +1,183 @@
+// unpermute (weighted combine) on the CPU, and its fused backward.
+//   forward : out[t] = sum_k w[t, k] * y[row_of[t, k]], accumulated in acc_t in k order
+//   backward: grad_y[row_of[t, k]] = w[t, k] * grad_out[t]
+//             grad_w[t, k]         = <grad_out[t], y[row_of[t, k]]>   (same pass over y's rows)
+// Each token is owned by one task and every sum has a fixed order, so results are bitwise equal
+// for any thread count. Built with -ffp-contract=off so `acc += w * y` rounds the product and
+// the sum separately, exactly like the PyTorch reference.
+#include "checks.h"
+#include "cpu/index_checks.h"
+#include "cpu/output_cache.h"
+#include "cpu/permute.h"
+#include "cpu/row_copy.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace grouter::cpu {
+namespace {
+
+// Columns per step: a block of acc_t partial sums stays in L1 while K rows stream through it.
+constexpr int64_t kBlock = 512;
+// Dot products keep this many independent partial sums (lane j takes columns h = j mod kLanes),
+// which vectorises without reassociation; the lanes are then added in a fixed tree.
+constexpr int kLanes = 16;
+static_assert(kBlock % kLanes == 0);
+
+template <typename scalar_t, typename acc_t>
+void combine_kernel(const scalar_t* y, const int32_t* row_of, const acc_t* w, scalar_t* out,
+                    int64_t T, int64_t K, int64_t H) {
+  const RowWriter writer(out, T * H * int64_t(sizeof(scalar_t)));
+  at::parallel_for(0, T, tokens_per_task(H * (K + 1) * int64_t(sizeof(scalar_t))),
+                   [&](int64_t b, int64_t e) {
+    acc_t acc[kBlock];
+    scalar_t res[kBlock];
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
+        const int64_t n = std::min(kBlock, H - h0);
+        std::fill_n(acc, n, acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* src = y + int64_t(row_of[t * K + k]) * H + h0;
+          const acc_t wk = w ? w[t * K + k] : acc_t(1);
+          for (int64_t i = 0; i < n; ++i) acc[i] += wk * static_cast<acc_t>(src[i]);
+        }
+        for (int64_t i = 0; i < n; ++i) res[i] = static_cast<scalar_t>(acc[i]);
+        writer.write(reinterpret_cast<char*>(out + t * H + h0), reinterpret_cast<const char*>(res),
+                     n * int64_t(sizeof(scalar_t)));
+      }
+    }
+    writer.finish();
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void combine_backward_kernel(const scalar_t* grad_out, const scalar_t* y, const int32_t* row_of,
+                             const acc_t* w, scalar_t* grad_y, acc_t* grad_w, int64_t T,
+                             int64_t K, int64_t H) {
+  const RowWriter writer(grad_y, T * K * H * int64_t(sizeof(scalar_t)));
+  const int64_t rows_read = grad_w ? 2 * K + 1 : K + 1;
+  at::parallel_for(0, T, tokens_per_task(H * rows_read * int64_t(sizeof(scalar_t))),
+                   [&](int64_t b, int64_t e) {
+    scalar_t res[kBlock];
+    for (int64_t t = b; t < e; ++t) {
+      const scalar_t* g = grad_out + t * H;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = row_of[t * K + k];
+        const acc_t wk = w[t * K + k];
+        const scalar_t* yr = grad_w ? y + r * H : nullptr;
+        acc_t lane[kLanes] = {};
+        for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
+          const int64_t n = std::min(kBlock, H - h0);
+          for (int64_t i = 0; i < n; ++i)
+            res[i] = static_cast<scalar_t>(wk * static_cast<acc_t>(g[h0 + i]));
+          writer.write(reinterpret_cast<char*>(grad_y + r * H + h0),
+                       reinterpret_cast<const char*>(res), n * int64_t(sizeof(scalar_t)));
+          if (!grad_w) continue;
+          int64_t i = 0;
+          for (; i + kLanes <= n; i += kLanes)
+            for (int j = 0; j < kLanes; ++j)
+              lane[j] += static_cast<acc_t>(g[h0 + i + j]) * static_cast<acc_t>(yr[h0 + i + j]);
+          for (int j = 0; i + j < n; ++j)
+            lane[j] += static_cast<acc_t>(g[h0 + i + j]) * static_cast<acc_t>(yr[h0 + i + j]);
+        }
+        if (!grad_w) continue;
+        for (int width = kLanes / 2; width > 0; width /= 2)
+          for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+        grad_w[t * K + k] = lane[0];
+      }
+    }
+    writer.finish();
+  });
+}
+
+bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The weights in the accumulation dtype, so the kernels never convert them per element.
+at::Tensor acc_weights(const c10::optional<at::Tensor>& weights, at::ScalarType acc) {
+  return has_tensor(weights) ? weights->to(acc).contiguous() : at::Tensor();
+}
+
+at::ScalarType acc_dtype_for(const at::Tensor& y, const c10::optional<at::Tensor>& weights) {
+  return combine_acc_dtype(y.scalar_type(), has_tensor(weights)
+                                                ? c10::optional<at::ScalarType>(weights->scalar_type())
+                                                : c10::nullopt);
+}
+
+// Runs body.template operator()<scalar_t, acc_t>() for y's dtype and the accumulation dtype.
+template <typename Body>
+void dispatch_combine(const at::Tensor& y, at::ScalarType acc, Body&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "grouter_combine", [&] {
+    if (acc == at::kDouble)
+      body.template operator()<scalar_t, double>();
+    else
+      body.template operator()<scalar_t, float>();
+  });
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y_, const at::Tensor& row_of_,
+                         const c10::optional<at::Tensor>& weights) {
+  check_unpermute_args("unpermute", y_, row_of_, weights);
+  const at::Tensor y = y_.contiguous();
+  const at::Tensor row_of = row_of_.contiguous();
+  check_row_of_values("unpermute", row_of);
+  const int64_t T = row_of.size(0), K = row_of.size(1), H = y.size(1);
+  const at::ScalarType acc = acc_dtype_for(y, weights);
+  const at::Tensor w = acc_weights(weights, acc);
+  at::Tensor out = empty_output({T, H}, y.options());
+  if (out.numel() == 0) return out;
+  dispatch_combine(y, acc, [&]<typename scalar_t, typename acc_t>() {
+    combine_kernel<scalar_t, acc_t>(y.const_data_ptr<scalar_t>(), row_of.const_data_ptr<int32_t>(),
+                                    w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                                    out.mutable_data_ptr<scalar_t>(), T, K, H);
+  });
+  return out;
+}
+
+// grad_weights is computed only when y is given (the weights need a gradient); otherwise, and
+// when there are no weights, it is an empty tensor.
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out_,
+                                                          const at::Tensor& row_of_,
+                                                          const c10::optional<at::Tensor>& weights,
+                                                          const c10::optional<at::Tensor>& y_) {
+  check_unpermute_backward_args(grad_out_, row_of_, weights, y_);
+  if (!has_tensor(weights)) {
+    // Unweighted: grad_y is grad_out permuted, and there are no weights to differentiate.
+    return {permute_cpu(grad_out_, row_of_), at::empty({0}, grad_out_.options())};
+  }
+  const bool want_grad_w = has_tensor(y_);
+  const at::Tensor grad_out = grad_out_.contiguous();
+  const at::Tensor row_of = row_of_.contiguous();
+  check_row_of_values("unpermute_backward", row_of);
+  const at::Tensor y = want_grad_w ? y_->contiguous() : at::Tensor();
+  const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_out.size(1);
+  const at::ScalarType acc = acc_dtype_for(grad_out, weights);
+  const at::Tensor w = acc_weights(weights, acc);
+  at::Tensor grad_y = empty_output({T * K, H}, grad_out.options());
+  at::Tensor grad_w = want_grad_w ? at::empty({T, K}, grad_out.options().dtype(acc))
+                                  : at::empty({0}, grad_out.options());
+  if (T * K > 0) {
+    dispatch_combine(grad_out, acc, [&]<typename scalar_t, typename acc_t>() {
+      combine_backward_kernel<scalar_t, acc_t>(
+          grad_out.const_data_ptr<scalar_t>(), want_grad_w ? y.const_data_ptr<scalar_t>() : nullptr,
+          row_of.const_data_ptr<int32_t>(), w.const_data_ptr<acc_t>(),
+          grad_y.mutable_data_ptr<scalar_t>(),
+          want_grad_w ? grad_w.mutable_data_ptr<acc_t>() : nullptr, T, K, H);
+    });
+  }
+  if (want_grad_w) grad_w = grad_w.to(weights->scalar_type());
+  return {grad_y, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(grouter, CPU, m) {
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
+}
+
+}  // namespace grouter::cpu

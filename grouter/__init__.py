@@ -1,0 +1,13 @@
+"""grouter: fixed, distilled routing for Mixture-of-Experts training (arXiv 2603.06626).
+
+The compiled core (``grouter.ops``) plans and executes MoE dispatch: a routing plan built once per
+step, permute into expert-major rows, and a weighted, deterministic combine back to tokens.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+from . import ops
+from .ops import RoutingPlan
+
+__version__ = "0.1.0"
+__all__ = ["ops", "RoutingPlan", "__version__"]
