@@ -10,6 +10,7 @@
 #include "cpu/output_cache.h"
 #include "cpu/permute.h"
 #include "cpu/row_copy.h"
+#include "cpu/vector_loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,10 +24,8 @@ namespace grouter::cpu {
 namespace {
 
 // Columns per step: a block of acc_t partial sums stays in L1 while K rows stream through it.
+// A multiple of kLanes, so column h always lands in dot lane h mod kLanes.
 constexpr int64_t kBlock = 512;
-// Dot products keep this many independent partial sums (lane j takes columns h = j mod kLanes),
-// which vectorises without reassociation; the lanes are then added in a fixed tree.
-constexpr int kLanes = 16;
 static_assert(kBlock % kLanes == 0);
 
 template <typename scalar_t, typename acc_t>
@@ -41,12 +40,9 @@ void combine_kernel(const scalar_t* y, const int32_t* row_of, const acc_t* w, sc
       for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
         const int64_t n = std::min(kBlock, H - h0);
         std::fill_n(acc, n, acc_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* src = y + int64_t(row_of[t * K + k]) * H + h0;
-          const acc_t wk = w ? w[t * K + k] : acc_t(1);
-          for (int64_t i = 0; i < n; ++i) acc[i] += wk * static_cast<acc_t>(src[i]);
-        }
-        for (int64_t i = 0; i < n; ++i) res[i] = static_cast<scalar_t>(acc[i]);
+        for (int64_t k = 0; k < K; ++k)
+          axpy_row(acc, y + int64_t(row_of[t * K + k]) * H + h0, w ? w[t * K + k] : acc_t(1), n);
+        cast_row(res, acc, n);
         writer.write(reinterpret_cast<char*>(out + t * H + h0), reinterpret_cast<const char*>(res),
                      n * int64_t(sizeof(scalar_t)));
       }
@@ -73,22 +69,12 @@ void combine_backward_kernel(const scalar_t* grad_out, const scalar_t* y, const 
         acc_t lane[kLanes] = {};
         for (int64_t h0 = 0; h0 < H; h0 += kBlock) {
           const int64_t n = std::min(kBlock, H - h0);
-          for (int64_t i = 0; i < n; ++i)
-            res[i] = static_cast<scalar_t>(wk * static_cast<acc_t>(g[h0 + i]));
+          scale_row(res, g + h0, wk, n);
           writer.write(reinterpret_cast<char*>(grad_y + r * H + h0),
                        reinterpret_cast<const char*>(res), n * int64_t(sizeof(scalar_t)));
-          if (!grad_w) continue;
-          int64_t i = 0;
-          for (; i + kLanes <= n; i += kLanes)
-            for (int j = 0; j < kLanes; ++j)
-              lane[j] += static_cast<acc_t>(g[h0 + i + j]) * static_cast<acc_t>(yr[h0 + i + j]);
-          for (int j = 0; i + j < n; ++j)
-            lane[j] += static_cast<acc_t>(g[h0 + i + j]) * static_cast<acc_t>(yr[h0 + i + j]);
+          if (grad_w) dot_lanes(lane, g + h0, yr + h0, n);
         }
-        if (!grad_w) continue;
-        for (int width = kLanes / 2; width > 0; width /= 2)
-          for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
-        grad_w[t * K + k] = lane[0];
+        if (grad_w) grad_w[t * K + k] = sum_lanes(lane);
       }
     }
     writer.finish();
