@@ -105,11 +105,45 @@ inline void check_unpermute_backward_args(const at::Tensor& grad_out, const at::
                     grad_out.size(1), ")");
 }
 
+// Messages for bad index values, shared by the CPU and CUDA checks so both say the same thing.
+template <typename id_t>
+[[noreturn]] void raise_bad_token(const char* op, const id_t* row, int64_t t, int64_t K, int64_t E) {
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK_INDEX(row[k] >= 0 && row[k] < E, "grouter.", op, ": expert id ",
+                      static_cast<int64_t>(row[k]), " at [token ", t, ", k ", k,
+                      "] is outside [0, ", E, ")");
+  for (int64_t a = 1; a < K; ++a)
+    for (int64_t b = 0; b < a; ++b)
+      TORCH_CHECK_VALUE(row[a] != row[b], "grouter.", op, ": token ", t, " repeats expert ",
+                        static_cast<int64_t>(row[a]), " (at k ", b, " and k ", a,
+                        "); a token's K expert ids must be distinct");
+  TORCH_CHECK(false, "grouter.", op, ": token ", t, " was reported bad but looks valid");
+}
+
+[[noreturn]] inline void raise_row_out_of_range(const char* op, int64_t row, int64_t rows) {
+  TORCH_CHECK_INDEX(false, "grouter.", op, ": row_of holds row ", row, " outside [0, T*K=", rows,
+                    "); pass the plan built by routing_plan");
+  __builtin_unreachable();
+}
+
+[[noreturn]] inline void raise_row_repeated(const char* op, int64_t row) {
+  TORCH_CHECK_VALUE(false, "grouter.", op, ": row_of names row ", row,
+                    " twice; it must be a permutation of 0..T*K-1 (use routing_plan)");
+  __builtin_unreachable();
+}
+
+inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // The accumulation dtype of a weighted combine: fp32 for 16/32-bit inputs, fp64 when either the
 // activations or the weights are fp64 (so float64 stays float64 end to end).
-inline at::ScalarType combine_acc_dtype(at::ScalarType y, c10::optional<at::ScalarType> w) {
-  const bool wide = y == at::kDouble || (w.has_value() && *w == at::kDouble);
+inline at::ScalarType combine_acc_dtype(const at::Tensor& y, const c10::optional<at::Tensor>& w) {
+  const bool wide = y.scalar_type() == at::kDouble || (has_tensor(w) && w->scalar_type() == at::kDouble);
   return wide ? at::kDouble : at::kFloat;
+}
+
+// The weights in the accumulation dtype (kernels never convert them per element), or undefined.
+inline at::Tensor weights_as(const c10::optional<at::Tensor>& weights, at::ScalarType acc) {
+  return has_tensor(weights) ? weights->to(acc).contiguous() : at::Tensor();
 }
 
 }  // namespace grouter

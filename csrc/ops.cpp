@@ -1,5 +1,6 @@
 // The grouter operator library: schemas for every op (kernels register per backend in csrc/cpu
 // and csrc/cuda) and the Python extension module that loads them.
+#include "config.h"
 #include "cpu/output_cache.h"
 
 #include <pybind11/pybind11.h>
@@ -30,6 +31,9 @@ PYBIND11_MODULE(_C, m) {
         "Bytes of freed CPU op outputs held for reuse right now.");
   m.def("empty_cpu_output_cache", &grouter::cpu::empty_output_cache,
         "Return every cached CPU output block to the system.");
+  m.def("set_cuda_checks", &grouter::set_cuda_checks, pybind11::arg("enabled"),
+        "Validate CUDA index inputs before each op (one small device-to-host copy); on by default.");
+  m.def("cuda_checks_enabled", &grouter::cuda_checks_enabled);
 #ifdef GROUTER_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

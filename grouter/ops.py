@@ -19,6 +19,7 @@ from . import _C  # loads the library that registers torch.ops.grouter.*
 __all__ = [
     "RoutingPlan", "routing_plan", "permute", "unpermute", "coactivation",
     "set_cpu_output_cache_limit", "cpu_output_cache_bytes", "empty_cpu_output_cache",
+    "set_cuda_checks", "cuda_checks_enabled", "has_cuda_kernels",
 ]
 
 _ops = torch.ops.grouter
@@ -30,6 +31,18 @@ set_cpu_output_cache_limit = _C.set_cpu_output_cache_limit
 cpu_output_cache_limit = _C.cpu_output_cache_limit
 cpu_output_cache_bytes = _C.cpu_output_cache_bytes
 empty_cpu_output_cache = _C.empty_cpu_output_cache
+
+# On CUDA, index inputs are validated before each op by default: a bad expert id or a corrupt
+# plan raises IndexError/ValueError, at the price of one small device-to-host copy (a sync) per
+# op. set_cuda_checks(False) or GROUTER_CUDA_CHECKS=0 skips that; the kernels still bounds-check
+# every index, so bad input can then give a wrong result but never touch memory out of bounds.
+set_cuda_checks = _C.set_cuda_checks
+cuda_checks_enabled = _C.cuda_checks_enabled
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of grouter has its CUDA backend compiled in."""
+    return bool(_C.with_cuda)
 
 
 class RoutingPlan(NamedTuple):

@@ -23,7 +23,7 @@ def _seed(request):
     torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from devices import DEVICES  # noqa: E402
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,5 +1,7 @@
 #include "cpu/index_checks.h"
 
+#include "checks.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -45,20 +47,6 @@ int64_t first_bad_token(const id_t* ids, int64_t T, int64_t K, int64_t E) {
   return first_bad;
 }
 
-template <typename id_t>
-void raise_for_token(const char* op, const id_t* ids, int64_t t, int64_t K, int64_t E) {
-  const id_t* row = ids + t * K;
-  for (int64_t k = 0; k < K; ++k)
-    TORCH_CHECK_INDEX(row[k] >= 0 && row[k] < E, "grouter.", op, ": expert id ",
-                      static_cast<int64_t>(row[k]), " at [token ", t, ", k ", k,
-                      "] is outside [0, ", E, ")");
-  for (int64_t a = 1; a < K; ++a)
-    for (int64_t b = 0; b < a; ++b)
-      TORCH_CHECK_VALUE(row[a] != row[b], "grouter.", op, ": token ", t, " repeats expert ",
-                        static_cast<int64_t>(row[a]), " (at k ", b, " and k ", a,
-                        "); a token's K expert ids must be distinct");
-}
-
 }  // namespace
 
 void check_expert_id_values(const char* op, const at::Tensor& ids, int64_t num_experts) {
@@ -66,7 +54,7 @@ void check_expert_id_values(const char* op, const at::Tensor& ids, int64_t num_e
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "grouter_check_expert_ids", [&] {
     const index_t* p = ids.const_data_ptr<index_t>();
     const int64_t bad = first_bad_token(p, T, K, num_experts);
-    if (bad < T) raise_for_token(op, p, bad, K, num_experts);
+    if (bad < T) raise_bad_token(op, p + bad * K, bad, K, num_experts);
   });
 }
 
@@ -76,10 +64,8 @@ void check_row_of_values(const char* op, const at::Tensor& row_of) {
   std::vector<uint8_t> hit(n, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int32_t r = rows[i];
-    TORCH_CHECK_INDEX(r >= 0 && r < n, "grouter.", op, ": row_of holds row ", r,
-                      " outside [0, T*K=", n, "); pass the plan built by routing_plan");
-    TORCH_CHECK_VALUE(!hit[r], "grouter.", op, ": row_of names row ", r,
-                      " twice; it must be a permutation of 0..T*K-1 (use routing_plan)");
+    if (r < 0 || r >= n) raise_row_out_of_range(op, r, n);
+    if (hit[r]) raise_row_repeated(op, r);
     hit[r] = 1;
   }
 }

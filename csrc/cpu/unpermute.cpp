@@ -81,19 +81,6 @@ void combine_backward_kernel(const scalar_t* grad_out, const scalar_t* y, const 
   });
 }
 
-bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// The weights in the accumulation dtype, so the kernels never convert them per element.
-at::Tensor acc_weights(const c10::optional<at::Tensor>& weights, at::ScalarType acc) {
-  return has_tensor(weights) ? weights->to(acc).contiguous() : at::Tensor();
-}
-
-at::ScalarType acc_dtype_for(const at::Tensor& y, const c10::optional<at::Tensor>& weights) {
-  return combine_acc_dtype(y.scalar_type(), has_tensor(weights)
-                                                ? c10::optional<at::ScalarType>(weights->scalar_type())
-                                                : c10::nullopt);
-}
-
 // Runs body.template operator()<scalar_t, acc_t>() for y's dtype and the accumulation dtype.
 template <typename Body>
 void dispatch_combine(const at::Tensor& y, at::ScalarType acc, Body&& body) {
@@ -112,8 +99,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y_, const at::Tensor& row_of_,
   const at::Tensor row_of = row_of_.contiguous();
   check_row_of_values("unpermute", row_of);
   const int64_t T = row_of.size(0), K = row_of.size(1), H = y.size(1);
-  const at::ScalarType acc = acc_dtype_for(y, weights);
-  const at::Tensor w = acc_weights(weights, acc);
+  const at::ScalarType acc = combine_acc_dtype(y, weights);
+  const at::Tensor w = weights_as(weights, acc);
   at::Tensor out = empty_output({T, H}, y.options());
   if (out.numel() == 0) return out;
   dispatch_combine(y, acc, [&]<typename scalar_t, typename acc_t>() {
@@ -141,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   check_row_of_values("unpermute_backward", row_of);
   const at::Tensor y = want_grad_w ? y_->contiguous() : at::Tensor();
   const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_out.size(1);
-  const at::ScalarType acc = acc_dtype_for(grad_out, weights);
-  const at::Tensor w = acc_weights(weights, acc);
+  const at::ScalarType acc = combine_acc_dtype(grad_out, weights);
+  const at::Tensor w = weights_as(weights, acc);
   at::Tensor grad_y = empty_output({T * K, H}, grad_out.options());
   at::Tensor grad_w = want_grad_w ? at::empty({T, K}, grad_out.options().dtype(acc))
                                   : at::empty({0}, grad_out.options());

@@ -5,11 +5,15 @@ cannot take pytest down) and prints one JSON line per case as soon as the case h
 """
 
 import json
+import os
 import sys
 
 import torch
 
 from grouter import ops
+
+# Every tensor below is made on this device (the CUDA run sets it to "cuda").
+torch.set_default_device(os.environ.get("GROUTER_TEST_DEVICE", "cpu"))
 
 E = 8
 ok_ids = torch.tensor([[0, 1], [2, 3], [4, 5]])

@@ -5,6 +5,7 @@ dead test run; its per-case lines show how far it got.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,17 @@ from pathlib import Path
 import pytest
 
 from bad_input_cases import CASES
+from devices import DEVICES
 
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def outcomes():
+@pytest.fixture(scope="module", params=DEVICES)
+def outcomes(request):
+    env = dict(os.environ, GROUTER_TEST_DEVICE=request.param, GROUTER_CUDA_CHECKS="1")
     proc = subprocess.run(
         [sys.executable, str(HERE / "bad_input_cases.py")], capture_output=True, text=True, timeout=300,
-        cwd=HERE,
+        cwd=HERE, env=env,
     )
     results = {}
     for line in proc.stdout.splitlines():

@@ -1,8 +1,11 @@
 """Property tests: random shapes (T 0..thousands, K 1..E, E 1..256), every op against the spec."""
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # CI installs it; a bare GPU machine may not have it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import reference as ref
 from grouter import ops

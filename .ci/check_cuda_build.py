@@ -1,0 +1,14 @@
+"""Run from outside the repository with a CUDA torch: every grouter op must have a CUDA kernel."""
+
+import sys
+
+import torch
+
+import grouter
+
+names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("grouter::"))
+missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+print(f"grouter {grouter.__file__}: torch {torch.__version__}, CUDA backend built: {grouter.ops.has_cuda_kernels()}")
+print("ops with a CUDA kernel:", ", ".join(n for n in names if n not in missing))
+if not grouter.ops.has_cuda_kernels() or not names or missing:
+    sys.exit(f"missing CUDA kernels: {missing or 'the whole backend'}")

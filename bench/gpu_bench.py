@@ -1,0 +1,173 @@
+"""Times every grouter op on a GPU against the torch-native path and a device-to-device copy.
+
+    python bench/gpu_bench.py [--out DIR] [--device cpu --quick]   (cpu: only to check the script)
+
+Median of CUDA-event timings after warm-up, inputs rotated over several buffers so no call finds
+its data in L2. GB/s counts the bytes an op must read plus write; "% copy" compares with
+`dst.copy_(src)` of the same byte count, measured in the same run; "x native" is the speed-up over
+the torch-native path (argsort + index_select / index_add_ / gather-multiply-sum).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from grouter import ops
+
+SHAPES = {  # name: (T, H, K, E, dtype)
+    "T16384 H4096 K8 E128 bf16": (16384, 4096, 8, 128, torch.bfloat16),
+    "T4096 H2048 K2 E8 fp32": (4096, 2048, 2, 8, torch.float32),
+}
+QUICK_SHAPES = {"T512 H256 K4 E16 bf16": (512, 256, 4, 16, torch.bfloat16)}
+
+
+def timer(device, warmup=5, reps=30):
+    def measure(fn, args_list):
+        for i in range(warmup):
+            fn(*args_list[i % len(args_list)])
+        times = []
+        for i in range(reps):
+            args = args_list[i % len(args_list)]
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(*args)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(*args)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return measure
+
+
+def make_inputs(T, H, K, E, dtype, device, copies):
+    out = []
+    for _ in range(copies):
+        ids = torch.rand(T, E, device=device).topk(K, dim=1).indices
+        plan = ops.routing_plan(ids, E)
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        out.append(dict(ids=ids, plan=plan, x=x, y=ops.permute(x, plan), w=torch.rand(T, K, device=device),
+                        g=torch.randn(T, H, device=device, dtype=dtype)))
+    return out
+
+
+def native_permute(ids, x, K):
+    order = ids.reshape(-1).argsort(stable=True)
+    return x.index_select(0, order // K)
+
+
+def native_unpermute(ids, y, w, K):
+    order = ids.reshape(-1).argsort(stable=True)
+    out = torch.zeros(ids.shape[0], y.shape[1], device=y.device, dtype=y.dtype)
+    return out.index_add_(0, order // K, y * w.reshape(-1)[order, None].to(y.dtype))
+
+
+def native_unpermute_backward(ids, g, y, w, K):
+    order = ids.reshape(-1).argsort(stable=True)
+    rows = g.index_select(0, order // K)
+    grad_y = rows * w.reshape(-1)[order, None].to(g.dtype)
+    grad_w = torch.empty_like(w).view(-1)
+    grad_w[order] = (rows.float() * y.float()).sum(-1)
+    return grad_y, grad_w
+
+
+def native_routing_plan(ids, E):
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    row_of = torch.empty_like(order)
+    row_of[order] = torch.arange(order.numel(), device=ids.device)
+    counts = torch.bincount(flat, minlength=E)
+    return order // ids.shape[1], row_of, counts.cumsum(0)
+
+
+def bench_shape(name, T, H, K, E, dtype, device, measure):
+    copies = 2 if T * H * K * torch.finfo(dtype).bits // 8 > (512 << 20) else 4
+    inputs = make_inputs(T, H, K, E, dtype, device, copies)
+    el = torch.finfo(dtype).bits // 8
+    b_permute = (T * H + T * K * H) * el
+    b_unpermute = (T * K * H + T * H) * el + T * K * 4
+    b_backward = (T * H + 2 * T * K * H) * el + 2 * T * K * 4
+    n = b_permute // 2 // el
+    src = [torch.empty(n, device=device, dtype=dtype) for _ in range(copies)]
+    dst = [torch.empty(n, device=device, dtype=dtype) for _ in range(copies)]
+    copy_s = measure(lambda s, d: d.copy_(s), list(zip(src, dst)))
+    del src, dst
+    copy_gbps = b_permute / copy_s / 1e9
+    bwd = torch.ops.grouter.unpermute_backward
+    cases = [
+        ("permute", b_permute, lambda i: ops.permute(i["x"], i["plan"]),
+         lambda i: native_permute(i["ids"], i["x"], K)),
+        ("permute+plan", b_permute, lambda i: ops.permute(i["x"], ops.routing_plan(i["ids"], E)),
+         lambda i: native_permute(i["ids"], i["x"], K)),
+        ("unpermute", b_unpermute, lambda i: ops.unpermute(i["y"], i["plan"], i["w"]),
+         lambda i: native_unpermute(i["ids"], i["y"], i["w"], K)),
+        ("unpermute backward", b_backward, lambda i: bwd(i["g"], i["plan"].row_of, i["w"], i["y"]),
+         lambda i: native_unpermute_backward(i["ids"], i["g"], i["y"], i["w"], K)),
+        ("permute backward", b_unpermute - T * K * 4, lambda i: ops.unpermute(i["y"], i["plan"], None),
+         None),
+    ]
+    rows = [dict(shape=name, op="d2d copy", us=copy_s * 1e6, gbps=copy_gbps, pct_copy=100.0, x_native=None)]
+    for op, nbytes, ours, native in cases:
+        s = measure(ours, [(i,) for i in inputs])
+        ns = measure(native, [(i,) for i in inputs]) if native else None
+        gbps = nbytes / s / 1e9
+        rows.append(dict(shape=name, op=op, us=s * 1e6, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                         x_native=ns / s if ns else None))
+    return rows
+
+
+def bench_routing_plan(T, K, E, device, measure):
+    ids = [torch.rand(T, E, device=device).topk(K, dim=1).indices for _ in range(4)]
+    s = measure(lambda i: ops.routing_plan(i, E), [(i,) for i in ids])
+    ns = measure(lambda i: native_routing_plan(i, E), [(i,) for i in ids])
+    checked = ops.cuda_checks_enabled()
+    return dict(shape=f"T{T} K{K} E{E}", op="routing_plan" + (" (checks on)" if checked else ""),
+                us=s * 1e6, gbps=None, pct_copy=None, x_native=ns / s)
+
+
+def fmt(row):
+    def num(v, f):
+        return f"{v:{f}}" if v is not None else ""
+
+    return (f"{row['shape']:28s} {row['op']:26s} {num(row['us'], '10.1f'):>10s} {num(row['gbps'], '8.0f'):>8s} "
+            f"{num(row['pct_copy'], '7.0f'):>7s} {num(row['x_native'], '8.1f'):>8s}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="one small shape (checks the script)")
+    parser.add_argument("--out", type=Path, help="folder for results.json")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no GPU: pass --device cpu --quick to check the script on a CPU")
+    measure = timer(args.device)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = []
+    ops.set_cuda_checks(False)  # the hot path a training loop would run; checks cost one sync per op
+    for name, (T, H, K, E, dtype) in shapes.items():
+        rows += bench_shape(name, T, H, K, E, dtype, args.device, measure)
+    T, K, E = (512, 4, 16) if args.quick else (16384, 8, 128)
+    rows.append(bench_routing_plan(T, K, E, args.device, measure))
+    ops.set_cuda_checks(True)
+    rows.append(bench_routing_plan(T, K, E, args.device, measure))
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# {device_name}, torch {torch.__version__}, median of CUDA-event timings")
+    print(f"{'shape':28s} {'op':26s} {'us':>10s} {'GB/s':>8s} {'%copy':>7s} {'x native':>8s}")
+    for row in rows:
+        print(fmt(row))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
