@@ -45,6 +45,12 @@ def _cuda_home() -> str | None:
     return str(Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
+def _tool(name: str) -> str:
+    """A build tool from this interpreter's environment (pip's cmake/ninja) before the PATH's."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -62,6 +68,7 @@ class CMakeBuild(build_ext):
             f"-S{ROOT}",
             f"-B{build_dir}",
             "-GNinja",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -75,8 +82,9 @@ class CMakeBuild(build_ext):
                 args += [f"-DCUDA_TOOLKIT_ROOT_DIR={home}", f"-DCUDAToolkit_ROOT={home}",
                          f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc"]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", *args], check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        cmake = _tool("cmake")
+        subprocess.run([cmake, *args], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
 
 
 setup(

@@ -13,6 +13,10 @@ namespace {
 
 constexpr int kBackwardThreads = 256;
 
+// k's whose rows are loaded together before any is added in: a single load in flight per thread
+// would leave the kernel latency-bound, not bandwidth-bound.
+constexpr int kRowsInFlight = 4;
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void combine(const scalar_t* y, const int32_t* row_of, const acc_t* w, scalar_t* out,
                         int64_t K, int64_t H, int64_t n_rows) {
@@ -24,13 +28,24 @@ __global__ void combine(const scalar_t* y, const int32_t* row_of, const acc_t* w
     acc_t acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = acc_t(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = rows[k];
-      if (r < 0 || r >= n_rows) continue;  // only with checks off and a corrupt plan
-      const acc_t wk = w ? w[t * K + k] : acc_t(1);
-      const V val = reinterpret_cast<const V*>(y + r * H)[v];
+    for (int64_t k0 = 0; k0 < K; k0 += kRowsInFlight) {
+      V val[kRowsInFlight];
+      acc_t wk[kRowsInFlight];
+      bool use[kRowsInFlight];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += wk * to_acc<acc_t>(val.v[i]);
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        const int64_t k = k0 + j;
+        const int64_t r = k < K ? rows[k] : -1;
+        use[j] = r >= 0 && r < n_rows;  // false past K, or for a corrupt plan with checks off
+        wk[j] = use[j] && w ? w[t * K + k] : acc_t(1);
+        if (use[j]) val[j] = reinterpret_cast<const V*>(y + r * H)[v];
+      }
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {  // added in k order
+        if (!use[j]) continue;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += wk[j] * to_acc<acc_t>(val[j].v[i]);
+      }
     }
     V res;
 #pragma unroll
@@ -39,6 +54,8 @@ __global__ void combine(const scalar_t* y, const int32_t* row_of, const acc_t* w
   }
 }
 
+// Backward: kRowsInFlight rows of y per pass over grad_out[t] (read once per pass), their dot
+// products kept in registers and reduced after the pass.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kBackwardThreads)
 combine_backward(const scalar_t* grad_out, const scalar_t* y, const int32_t* row_of, const acc_t* w,
@@ -49,31 +66,46 @@ combine_backward(const scalar_t* grad_out, const scalar_t* y, const int32_t* row
   const int64_t t = blockIdx.x;
   const int64_t vectors = H / VEC;
   const V* g = reinterpret_cast<const V*>(grad_out + t * H);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t r = row_of[t * K + k];
-    const bool valid = r >= 0 && r < n_rows;  // the same for the whole block
-    const acc_t wk = w[t * K + k];
-    acc_t dot = acc_t(0);
-    if (valid) {
-      V* dst = reinterpret_cast<V*>(grad_y + r * H);
-      const V* yr = grad_w ? reinterpret_cast<const V*>(y + r * H) : nullptr;
-      for (int64_t v = threadIdx.x; v < vectors; v += kBackwardThreads) {
-        const V gv = g[v];
+  for (int64_t k0 = 0; k0 < K; k0 += kRowsInFlight) {
+    int64_t row[kRowsInFlight];
+    acc_t wk[kRowsInFlight];
+    acc_t dot[kRowsInFlight];
+#pragma unroll
+    for (int j = 0; j < kRowsInFlight; ++j) {
+      const int64_t k = k0 + j;
+      const int64_t r = k < K ? row_of[t * K + k] : -1;
+      row[j] = (r >= 0 && r < n_rows) ? r : -1;  // the same for the whole block
+      wk[j] = k < K ? w[t * K + k] : acc_t(0);
+      dot[j] = acc_t(0);
+    }
+    for (int64_t v = threadIdx.x; v < vectors; v += kBackwardThreads) {
+      const V gv = g[v];
+      V yv[kRowsInFlight];
+      if (grad_w) {
+#pragma unroll
+        for (int j = 0; j < kRowsInFlight; ++j)
+          if (row[j] >= 0) yv[j] = reinterpret_cast<const V*>(y + row[j] * H)[v];
+      }
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        if (row[j] < 0) continue;
         V res;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) res.v[i] = from_acc<scalar_t>(wk * to_acc<acc_t>(gv.v[i]));
-        dst[v] = res;
-        if (yr) {
-          const V yv = yr[v];
+        for (int i = 0; i < VEC; ++i) res.v[i] = from_acc<scalar_t>(wk[j] * to_acc<acc_t>(gv.v[i]));
+        reinterpret_cast<V*>(grad_y + row[j] * H)[v] = res;
+        if (grad_w) {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) dot += to_acc<acc_t>(gv.v[i]) * to_acc<acc_t>(yv.v[i]);
+          for (int i = 0; i < VEC; ++i) dot[j] += to_acc<acc_t>(gv.v[i]) * to_acc<acc_t>(yv[j].v[i]);
         }
       }
     }
-    if (grad_w) {  // uniform across the block, so the barriers below are safe
-      const acc_t total = BlockReduce(reduce_tmp).Sum(dot);
-      if (threadIdx.x == 0) grad_w[t * K + k] = total;
-      __syncthreads();  // reduce_tmp is reused by the next k
+    if (grad_w) {  // uniform across the block, so the barriers inside are safe
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        const acc_t total = BlockReduce(reduce_tmp).Sum(dot[j]);
+        if (threadIdx.x == 0 && k0 + j < K) grad_w[t * K + k0 + j] = total;
+        __syncthreads();  // reduce_tmp is reused by the next reduction
+      }
     }
   }
 }
