@@ -1,0 +1,86 @@
+"""A top-k routing ready for dispatch: expert ids, gate weights and their routing plan.
+
+With fixed routing (a Grouter) every MoE layer of a model routes the same tokens the same way, so
+the plan is built once per forward pass and handed to each layer; `Routing.prepare` does that,
+and `plan_for` reuses the plan of the last ids it saw when the very same tensor comes back (the
+transformers integration relies on this: each layer receives the same ids tensor).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+__all__ = ["Routing", "RoutingLike", "plan_for", "plan_builds"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """expert_ids [T, K], weights [T, K] and the RoutingPlan of expert_ids."""
+
+    expert_ids: Tensor
+    weights: Tensor
+    plan: ops.RoutingPlan
+
+    @classmethod
+    def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
+        """Flatten leading dims to tokens and build the plan (once, for every layer that uses it)."""
+        ids = expert_ids.reshape(-1, expert_ids.shape[-1])
+        w = weights.reshape(-1, weights.shape[-1])
+        if ids.shape != w.shape:
+            raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
+        return cls(ids, w, plan_for(ids, num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return self.plan.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[1]
+
+
+RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
+
+_builds = 0
+_last: Optional[tuple] = None  # (weakref to ids, ids._version, num_experts, plan)
+
+
+def plan_builds() -> int:
+    """How many routing plans `plan_for` has built in this process (tests count them)."""
+    return _builds
+
+
+def plan_for(expert_ids: Tensor, num_experts: int) -> ops.RoutingPlan:
+    """The RoutingPlan of expert_ids, reused when the same (unmodified) tensor was planned last."""
+    global _builds, _last
+    if _last is not None and not torch.compiler.is_compiling():
+        ref, version, experts, plan = _last
+        if ref() is expert_ids and version == expert_ids._version and experts == num_experts:
+            return plan
+    plan = ops.routing_plan(expert_ids, num_experts)
+    if not torch.compiler.is_compiling():
+        _builds += 1
+        _last = (weakref.ref(expert_ids), expert_ids._version, num_experts, plan)
+    return plan
+
+
+def as_routing(routing: RoutingLike, num_experts: int, num_tokens: int) -> Routing:
+    """Accept a prepared Routing or an (expert_ids, weights) pair; check it fits the layer."""
+    if isinstance(routing, Routing):
+        r = routing
+    elif isinstance(routing, (tuple, list)) and len(routing) == 2:
+        r = Routing.prepare(routing[0], routing[1], num_experts)
+    else:
+        raise TypeError("routing must be (expert_ids, weights) or a grouter.nn.Routing")
+    if r.num_experts != num_experts:
+        raise ValueError(f"routing was planned for {r.num_experts} experts, the layer has {num_experts}")
+    if r.expert_ids.shape[0] != num_tokens:
+        raise ValueError(f"routing covers {r.expert_ids.shape[0]} tokens, the input has {num_tokens}")
+    return r
