@@ -6,8 +6,8 @@ step, permute into expert-major rows, and a weighted, deterministic combine back
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from . import ops
+from . import nn, ops
 from .ops import RoutingPlan
 
 __version__ = "0.1.0"
-__all__ = ["ops", "RoutingPlan", "__version__"]
+__all__ = ["nn", "ops", "RoutingPlan", "__version__"]

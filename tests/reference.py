@@ -80,3 +80,22 @@ def random_routing(T: int, K: int, E: int, dtype=torch.int64, device="cpu", gene
     scores = torch.rand(T, E, generator=generator)
     scores[:, : max(1, E // 4)] += 0.5  # a few hot experts
     return scores.topk(K, dim=1).indices.to(dtype=dtype, device=device)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                act=swiglu) -> Tensor:
+    """A token's output: sum_k weights[t,k] * down[e](act(gate_up[e] x_t)), e = expert_ids[t,k].
+
+    Per-expert masks and index_add: slow and obvious, the spec of grouter.nn.MoE's experts."""
+    out = torch.zeros_like(x)
+    for k in range(expert_ids.shape[1]):
+        for e in expert_ids[:, k].unique().tolist():
+            tok = (expert_ids[:, k] == e).nonzero().squeeze(1)
+            y = act(x[tok] @ gate_up_proj[e].t()) @ down_proj[e].t()
+            out = out.index_add(0, tok, y * weights[tok, k, None].to(y.dtype))
+    return out

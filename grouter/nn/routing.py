@@ -31,8 +31,9 @@ class Routing:
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
         """Flatten leading dims to tokens and build the plan (once, for every layer that uses it)."""
-        ids = expert_ids.reshape(-1, expert_ids.shape[-1])
-        w = weights.reshape(-1, weights.shape[-1])
+        # 2-D inputs are kept as they are: plan_for recognises the very same ids tensor.
+        ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
+        w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
         if ids.shape != w.shape:
             raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
         return cls(ids, w, plan_for(ids, num_experts))

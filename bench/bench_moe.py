@@ -1,0 +1,125 @@
+"""MoE layer benchmarks, forward + backward, on the CPU (or --device cuda).
+
+    python bench/bench_moe.py [--tokens 8192] [--reps 10]
+
+1. transformers' OlmoeSparseMoeBlock (H=512, I=256, E=16, K=2, fp32) with its experts run by
+   `eager`, `grouped_mm` and `grouter`, on the same weights and inputs.
+2. grouter.nn.MoE on the same experts: fixed routing (a prepared Routing, as a Grouter gives)
+   vs a learned softmax router + aux loss.
+
+Times are medians of --reps runs after warm-up. "floor" is the expert matmul FLOPs divided by the
+sgemm rate measured in the same run (a [4096 x 512] @ [512 x 512] product), so "% of floor" says
+how close a layer gets to doing nothing but its matmuls.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import grouter.hf  # noqa: F401  (registers the "grouter" experts implementation)
+from grouter import nn as gnn
+
+
+def median_time(fn, reps, warmup=2, device="cpu"):
+    return median_times({"": fn}, reps, warmup, device)[""]
+
+
+def median_times(fns, reps, warmup=2, device="cpu"):
+    """Median seconds of each function, the calls interleaved round-robin so that the machine's
+    slow and fast spells fall on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def sgemm_rate(device, reps):
+    a, b = torch.randn(4096, 512, device=device), torch.randn(512, 512, device=device)
+    return 2 * 4096 * 512 * 512 / median_time(lambda: a @ b, reps * 5, device=device)
+
+
+def olmoe_blocks(H, I, E, K, device):
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    config = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+    torch.manual_seed(0)
+    block = OlmoeSparseMoeBlock(config).to(device)
+    with torch.no_grad():
+        block.gate.weight.normal_(std=0.02)
+        block.experts.gate_up_proj.normal_(std=0.02)
+        block.experts.down_proj.normal_(std=0.02)
+    blocks = {}
+    for impl in ("eager", "grouped_mm", "grouter"):
+        b = copy.deepcopy(block)
+        b.experts.config._experts_implementation_internal = impl
+        blocks[impl] = b
+    return blocks
+
+
+def fwd_bwd(module, x, **kwargs):
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        out = module(x, **kwargs)
+        loss = out.float().square().mean()
+        aux = getattr(module, "aux_loss", None)
+        if aux is not None:
+            loss = loss + 0.01 * aux
+        loss.backward()
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    T, H, I, E, K, dev = args.tokens, 512, 256, 16, 2, args.device
+
+    rate = sgemm_rate(dev, args.reps)
+    floor = 18 * T * K * H * I / rate  # fwd 6*TK*H*I, bwd twice that
+    print(f"# {T} tokens, H={H} I={I} E={E} K={K} fp32, {dev}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; sgemm {rate / 1e9:.0f} GFLOP/s, matmul floor {floor * 1e3:.0f} ms")
+
+    x = torch.randn(1, T, H, device=dev, requires_grad=True)
+    cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x) for impl, b in olmoe_blocks(H, I, E, K, dev).items()}
+    torch.manual_seed(0)
+    learned = gnn.MoE(H, I, E, K, router="softmax").to(dev)
+    fixed = gnn.MoE(H, I, E, K).to(dev)
+    fixed.experts.load_state_dict(learned.experts.state_dict())
+    with torch.no_grad():
+        ids, w = learned.router(x.view(T, H))
+    routing = gnn.Routing.prepare(ids, w, E)  # built once, as a Grouter's routes are per step
+    cases["grouter.nn.MoE learned softmax + aux loss"] = fwd_bwd(learned, x)
+    cases["grouter.nn.MoE fixed routing"] = fwd_bwd(fixed, x, routing=routing)
+    times = median_times(cases, args.reps, device=dev)
+    eager = times["OlmoeSparseMoeBlock experts=eager"]
+    rows = [(name, t, eager / t) for name, t in times.items()]
+    t_grouter = times["OlmoeSparseMoeBlock experts=grouter"]
+    t_learned, t_fixed = times["grouter.nn.MoE learned softmax + aux loss"], times["grouter.nn.MoE fixed routing"]
+
+    print(f"{'layer (forward + backward)':44s} {'ms':>8s} {'x eager':>8s} {'% floor':>8s}")
+    for name, t, speedup in rows:
+        print(f"{name:44s} {t * 1e3:8.1f} {speedup:8.2f} {100 * floor / t:7.0f}%")
+    print(f"grouter vs eager experts: {eager / t_grouter:.2f}x; fixed vs learned routing: {t_learned / t_fixed:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

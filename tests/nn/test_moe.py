@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+import reference as ref
+from grouter import nn as gnn
+
+
+def fixed_routing(T, K, E, device="cpu"):
+    ids = ref.random_routing(T, K, E, device=device)
+    w = torch.rand(T, K, device=device)
+    return ids, w / w.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (37, 2, 8), (200, 4, 16), (64, 8, 8)])
+def test_fixed_routing_matches_reference(T, K, E, device):
+    moe = gnn.MoE(24, 12, E, K).double().to(device)
+    x = torch.randn(T, 24, dtype=torch.float64, device=device, requires_grad=True)
+    ids, w = fixed_routing(T, K, E, device)
+    w = w.double().requires_grad_(True)
+    out = moe(x, routing=(ids, w))
+    expected = ref.moe_experts(x, ids, w, moe.experts.gate_up_proj, moe.experts.down_proj)
+    torch.testing.assert_close(out, expected)
+    if T == 0:
+        return
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, moe.experts.gate_up_proj, moe.experts.down_proj), g)
+    want = torch.autograd.grad(expected, (x, w, moe.experts.gate_up_proj, moe.experts.down_proj), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck():
+    moe = gnn.MoE(6, 4, 4, 2).double()
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    ids, w = fixed_routing(9, 2, 4)
+    w = w.double().requires_grad_(True)
+    params = (moe.experts.gate_up_proj, moe.experts.down_proj)
+    assert torch.autograd.gradcheck(lambda x, w, *_: moe(x, routing=(ids, w)), (x, w, *params))
+
+
+def test_leading_dims_and_prepared_routing():
+    moe = gnn.MoE(16, 8, 4, 2)
+    x = torch.randn(3, 5, 16)
+    ids, w = fixed_routing(15, 2, 4)
+    a = moe(x, routing=(ids.view(3, 5, 2), w.view(3, 5, 2)))
+    b = moe(x, routing=gnn.Routing.prepare(ids, w, 4))
+    assert a.shape == x.shape
+    torch.testing.assert_close(a, b)
+
+
+def test_router_none_needs_routing():
+    moe = gnn.MoE(8, 4, 4, 2)
+    with pytest.raises(ValueError, match="routing"):
+        moe(torch.randn(3, 8))
+
+
+def test_bad_routing_is_rejected():
+    moe = gnn.MoE(8, 4, 4, 2)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="tokens"):
+        moe(x, routing=fixed_routing(4, 2, 4))
+    with pytest.raises(ValueError, match="experts"):
+        moe(x, routing=gnn.Routing.prepare(*fixed_routing(3, 2, 8), 8))
+    with pytest.raises(IndexError):
+        moe(x, routing=(torch.tensor([[0, 1], [2, 9], [1, 3]]), torch.rand(3, 2)))
+    with pytest.raises(ValueError, match="hidden size"):
+        moe(torch.randn(3, 9), routing=fixed_routing(3, 2, 4))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activations(activation):
+    moe = gnn.MoE(8, 6, 4, 2, activation=activation).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    ids, w = fixed_routing(20, 2, 4)
+    act = gnn.ACTIVATIONS[activation]
+    expected = ref.moe_experts(x, ids, w.double(), moe.experts.gate_up_proj, moe.experts.down_proj,
+                               act=lambda h: gnn.glu(h, act))
+    torch.testing.assert_close(moe(x, routing=(ids, w.double())), expected)
+
+
+def test_softmax_router_and_losses():
+    moe = gnn.MoE(16, 8, 8, 2, router="softmax")
+    x = torch.randn(50, 16, requires_grad=True)
+    out = moe(x)
+    ids, w = moe.router(x)
+    torch.testing.assert_close(w.sum(1), torch.ones(50))
+    assert moe.aux_loss.ndim == 0 and moe.aux_loss > 0 and moe.z_loss > 0
+    (out.sum() + 0.01 * moe.aux_loss + 1e-3 * moe.z_loss).backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_load_balancing_loss_is_one_when_balanced():
+    E = 4
+    ids = torch.arange(8).remainder(E).view(8, 1)
+    probs = torch.full((8, E), 1 / E)
+    torch.testing.assert_close(gnn.load_balancing_loss(probs, ids, E), torch.tensor(1.0))
+    assert gnn.max_violation(ids, E) == 0.0
+    assert gnn.max_violation(torch.zeros(8, 1, dtype=torch.long), E) == 3.0
+
+
+def test_sigmoid_router_bias_balances_load():
+    torch.manual_seed(0)
+    router = gnn.SigmoidTopKRouter(16, 8, 2, bias_update_rate=0.002)
+    with torch.no_grad():
+        router.weight[0] += 0.3  # expert 0 is overloaded at first
+    x = torch.randn(512, 16)
+    before = gnn.max_violation(router(x)[0], 8)
+    for _ in range(300):
+        router(x)
+    after = gnn.max_violation(router(x)[0], 8)
+    assert after < before / 3, (before, after)
+    assert router.weight.grad is None  # the bias moved without any gradient
+    ids, w = router.eval()(x)
+    torch.testing.assert_close(w.sum(1), torch.ones(512))
+
+
+def test_plan_built_once_for_n_layers():
+    layers = torch.nn.ModuleList(gnn.MoE(16, 8, 8, 2) for _ in range(6))
+    x = torch.randn(40, 16)
+    routing = gnn.Routing.prepare(*fixed_routing(40, 2, 8), 8)
+    before = gnn.plan_builds()
+    for layer in layers:
+        x = x + layer(x, routing=routing)
+    assert gnn.plan_builds() - before == 0  # prepared once, outside the layers
+    ids, w = fixed_routing(40, 2, 8)
+    before = gnn.plan_builds()
+    for layer in layers:
+        x = x + layer(x, routing=(ids, w))  # the same ids tensor: planned by the first layer only
+    assert gnn.plan_builds() - before == 1
+
+
+def test_fixed_routing_has_no_router_parameters():
+    moe = gnn.MoE(16, 8, 8, 2)
+    assert {n for n, _ in moe.named_parameters()} == {"experts.gate_up_proj", "experts.down_proj"}
+    assert moe.aux_loss is None
+
+
+def test_grouped_mm_path_matches_reference(monkeypatch):
+    # The path CUDA takes in bf16 (torch's grouped_mm), forced here on the CPU in fp32.
+    from grouter.nn import experts
+
+    monkeypatch.setattr(experts, "_grouped_mm_ok", lambda x, w: True)
+    moe = gnn.MoE(16, 8, 4, 2)
+    x = torch.randn(30, 16, requires_grad=True)
+    ids, w = fixed_routing(30, 2, 4)
+    out = moe(x, routing=(ids, w))
+    expected = ref.moe_experts(x, ids, w, moe.experts.gate_up_proj, moe.experts.down_proj)
+    torch.testing.assert_close(out, expected)
+    params = (x, moe.experts.gate_up_proj, moe.experts.down_proj)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_activation_memory_is_rows_and_gate_up_only():
+    # Saved for backward by the expert MLP: its input rows [N, H] and h [N, 2I], nothing [N, I].
+    H, I = 12, 10
+    moe = gnn.MoE(H, I, 4, 2)
+    x = torch.randn(40, H, requires_grad=True)
+    ids, w = fixed_routing(40, 2, 4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        moe(x, routing=(ids, w))
+    per_row = sorted(s for s in saved if len(s) == 2 and s[0] == 80)
+    assert per_row == [(80, H), (80, 2 * I)], saved
