@@ -84,8 +84,12 @@ _GATE_NAMES = ("gate", "router")
 
 def moe_blocks(model: nn.Module) -> list:
     """(name, block, gate attribute) of every MoE block: a module with routed `experts` and a gate."""
+    from .nn.moe import MoE
+
     found = []
     for name, module in model.named_modules():
+        if isinstance(module, MoE):  # grouter's own layer takes its routing as an argument
+            continue
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.Module) or not hasattr(experts, "gate_up_proj"):
             continue

@@ -54,9 +54,11 @@ class SoftmaxTopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.aux_loss: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
+        self.logits: Optional[Tensor] = None  # of the last forward (grouter.distill reads them)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         logits = F.linear(x, self.weight).float()
+        self.logits = logits
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -82,9 +84,11 @@ class SigmoidTopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
         self.aux_loss: Optional[Tensor] = None  # none: balance comes from the bias
         self.z_loss: Optional[Tensor] = None
+        self.logits: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        scores = F.linear(x, self.weight).float().sigmoid()
+        self.logits = F.linear(x, self.weight).float()
+        scores = self.logits.sigmoid()
         ids = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # the bias picks, not weighs
         weights = scores.gather(1, ids)
         weights = self.scaling * weights / weights.sum(dim=-1, keepdim=True)

@@ -1,0 +1,13 @@
+"""The Grouter: a standalone router distilled from a trained MoE, folded, tuned and pre-dispatched."""
+
+from .fold import affinity, coactivation_counts, expand, fold, fold_groups
+from .metrics import batch_max_vio, expert_load, load_cv, max_vio, routing_consistency, routing_entropy
+from .model import Grouter
+from .predispatch import PredispatchReader, predispatch
+from .train import distill, kl_to_source, sequence_balance_loss, tune
+
+__all__ = [
+    "Grouter", "distill", "kl_to_source", "tune", "sequence_balance_loss", "affinity", "coactivation_counts",
+    "fold_groups", "fold", "expand", "predispatch", "PredispatchReader", "max_vio", "batch_max_vio", "load_cv",
+    "expert_load", "routing_consistency", "routing_entropy",
+]

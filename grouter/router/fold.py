@@ -1,0 +1,163 @@
+"""Expert folding (fewer target experts) and expanding (more), by co-activation affinity.
+
+affinity: P_ij = tokens routed to both i and j / tokens, diagonal 0 (compiled `coactivation`).
+fold_groups: the paper's greedy balanced grouping: group sizes floor(E_S/n), E_S mod n of them
+    one larger; each group is seeded with the unassigned expert of largest total affinity, then
+    repeatedly takes the unassigned expert with the largest summed affinity to the group.
+fold: W~ = M^T W (a target logit is the sum of its group's source logits; biases summed).
+expand: split the most loaded expert (a copy of its row, both halves' bias lowered by log 2 so
+    the pair keeps the original's probability mass, a little noise to break ties) until there are
+    n experts; `tune` then separates the copies and balances the load.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .model import Grouter
+
+__all__ = ["affinity", "coactivation_counts", "fold_groups", "fold", "expand"]
+
+
+@torch.no_grad()
+def coactivation_counts(g: Grouter, batches: Iterable[Tensor]) -> Tuple[Tensor, int]:
+    """(int64 [E, E] co-activation counts of g's top-k routes, number of tokens)."""
+    E = g.num_experts
+    counts = torch.zeros(E, E, dtype=torch.int64)
+    tokens = 0
+    for batch in batches:
+        ids, _ = g.route(batch.to(next(g.parameters()).device))
+        ids = ids.reshape(-1, ids.shape[-1])
+        counts += ops.coactivation(ids, E).cpu()
+        tokens += ids.shape[0]
+    return counts, tokens
+
+
+def affinity(g: Grouter, batches: Iterable[Tensor]) -> Tensor:
+    """float [E, E] co-activation affinity of g's routes: pair counts / tokens, diagonal 0."""
+    counts, tokens = coactivation_counts(g, batches)
+    A = counts.double() / max(tokens, 1)
+    A.fill_diagonal_(0)
+    return A.float()
+
+
+def _group_sizes(E: int, n: int) -> list:
+    if not 1 <= n <= E:
+        raise ValueError(f"cannot fold {E} experts into {n} groups (need 1 <= n <= {E})")
+    return [E // n + (1 if j < E % n else 0) for j in range(n)]
+
+
+def fold_groups(A: Tensor, n: int, strategy: str = "affinity", load: Optional[Tensor] = None,
+                seed: int = 0) -> Tensor:
+    """LongTensor [E_S]: the target expert (group) of each source expert; deterministic.
+
+    strategy "affinity" (the paper's greedy grouping), "random" (a seeded random balanced split),
+    or "balance" (pairs heavily with lightly loaded experts; `load` [E_S] defaults to A's row sums).
+    """
+    A = torch.as_tensor(A, dtype=torch.float64).cpu()
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be a square [E, E] matrix, got shape {tuple(A.shape)}")
+    E = A.shape[0]
+    sizes = _group_sizes(E, n)
+    groups = torch.full((E,), -1, dtype=torch.long)
+    if strategy == "random":
+        perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed))
+        start = 0
+        for j, size in enumerate(sizes):
+            groups[perm[start:start + size]] = j
+            start += size
+        return groups
+    if strategy == "balance":
+        w = (A.sum(1) if load is None else torch.as_tensor(load, dtype=torch.float64).cpu())
+        order = sorted(range(E), key=lambda i: (-float(w[i]), i))  # heaviest first
+        totals = [0.0] * n
+        filled = [0] * n
+        for i in order:  # the open group with the least load so far takes the next heaviest
+            j = min((j for j in range(n) if filled[j] < sizes[j]), key=lambda j: (totals[j], j))
+            groups[i] = j
+            totals[j] += float(w[i])
+            filled[j] += 1
+        return groups
+    if strategy != "affinity":
+        raise ValueError(f"strategy must be 'affinity', 'random' or 'balance', got {strategy!r}")
+    A = (A + A.T) / 2
+    A.fill_diagonal_(0)
+    unassigned = set(range(E))
+    strength = A.sum(1)
+    for j, size in enumerate(sizes):
+        seed_expert = max(unassigned, key=lambda i: (float(strength[i]), -i))
+        members = [seed_expert]
+        unassigned.remove(seed_expert)
+        while len(members) < size:
+            pull = A[:, members].sum(1)
+            nxt = max(unassigned, key=lambda i: (float(pull[i]), -i))
+            members.append(nxt)
+            unassigned.remove(nxt)
+        groups[members] = j
+    return groups
+
+
+def _check_groups(groups: Tensor, E: int) -> Tuple[Tensor, int]:
+    groups = torch.as_tensor(groups, dtype=torch.long).cpu()
+    if groups.shape != (E,):
+        raise ValueError(f"groups must have one entry per source expert ({E}), got shape {tuple(groups.shape)}")
+    n = int(groups.max()) + 1 if E else 0
+    if groups.min() < 0 or set(groups.tolist()) != set(range(n)):
+        raise ValueError("groups must use every target id 0..n-1 and no other")
+    return groups, n
+
+
+@torch.no_grad()
+def fold(g: Grouter, groups: Tensor, top_k: Optional[int] = None) -> Grouter:
+    """A new Grouter with n outputs; target logit j = sum of the logits of source experts in group j."""
+    groups, n = _check_groups(groups, g.num_experts)
+    config = dict(g.config, num_experts=n, top_k=top_k or min(g.top_k, n),
+                  source=f"fold of {g.config.get('source') or 'a Grouter'} ({g.num_experts} -> {n} experts)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bidirectional warning was given for the source already
+        folded = Grouter(**config).to(g.proj.weight.device)
+    state = {k: v for k, v in g.state_dict().items() if not k.startswith("proj.")}
+    folded.load_state_dict(state, strict=False)
+    M = torch.zeros(g.num_experts, n, dtype=g.proj.weight.dtype, device=g.proj.weight.device)
+    M[torch.arange(g.num_experts), groups.to(M.device)] = 1
+    folded.proj.weight.copy_(M.T @ g.proj.weight)
+    if g.proj.bias is not None:
+        folded.proj.bias.copy_(M.T @ g.proj.bias)
+    return folded
+
+
+@torch.no_grad()
+def expand(g: Grouter, n: int, batches: Iterable[Tensor], noise: float = 1e-3, seed: int = 0) -> Grouter:
+    """A Grouter with n >= E experts, made by splitting the most loaded experts; tune it afterwards."""
+    E = g.num_experts
+    if n < E:
+        raise ValueError(f"expand grows the expert count; {n} < {E} (use fold)")
+    counts, _ = coactivation_counts(g, batches)
+    load = counts.diagonal().double().tolist()
+    weight = g.proj.weight.detach().clone()
+    bias = g.proj.bias.detach().clone() if g.proj.bias is not None else torch.zeros(E, device=weight.device)
+    gen = torch.Generator().manual_seed(seed)
+    while weight.shape[0] < n:
+        i = max(range(len(load)), key=lambda j: (load[j], -j))
+        load[i] /= 2
+        load.append(load[i])
+        bias[i] -= math.log(2)  # the two halves together keep the original expert's softmax mass
+        row = weight[i] + noise * weight[i].abs().mean() * torch.randn(weight.shape[1], generator=gen).to(weight)
+        weight = torch.cat([weight, row[None]])
+        bias = torch.cat([bias, bias[i:i + 1]])
+    config = dict(g.config, num_experts=n, bias=True,
+                  source=f"expansion of {g.config.get('source') or 'a Grouter'} ({E} -> {n} experts)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grown = Grouter(**config).to(weight.device)
+    grown.load_state_dict({k: v for k, v in g.state_dict().items() if not k.startswith("proj.")}, strict=False)
+    grown.proj.weight.copy_(weight)
+    grown.proj.bias.copy_(bias)
+    return grown
+

@@ -1,0 +1,53 @@
+"""Routing metrics: load balance (MaxVio, coefficient of variation), agreement, entropy."""
+
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import torch
+from torch import Tensor
+
+__all__ = ["expert_load", "max_vio", "load_cv", "routing_entropy", "routing_consistency", "batch_max_vio"]
+
+
+def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """float [E]: routed slots per expert."""
+    return torch.bincount(expert_ids.reshape(-1).long().cpu(), minlength=num_experts).double()
+
+
+def max_vio(expert_ids: Tensor, num_experts: int) -> float:
+    """(max load - mean load) / mean load: 0 when perfectly balanced."""
+    load = expert_load(expert_ids, num_experts)
+    mean = load.mean()
+    return float((load.max() - mean) / mean) if mean > 0 else 0.0
+
+
+def load_cv(expert_ids: Tensor, num_experts: int) -> float:
+    """Coefficient of variation (std / mean) of the expert load."""
+    load = expert_load(expert_ids, num_experts)
+    mean = load.mean()
+    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def batch_max_vio(g, batches: Iterable[Tensor]) -> List[float]:
+    """MaxVio of each batch's routes under Grouter g."""
+    return [max_vio(g.route(b)[0], g.num_experts) for b in batches]
+
+
+def routing_entropy(logits: Tensor) -> float:
+    """Mean entropy (nats) of the per-token softmax over experts."""
+    logp = logits.float().log_softmax(-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+@torch.no_grad()
+def routing_consistency(g1, g2, batches: Iterable[Tensor]) -> float:
+    """Mean fraction of a token's top-k experts that two Grouters (or checkpoints) share."""
+    shared, total = 0.0, 0
+    for b in batches:
+        a, c = g1.route(b)[0], g2.route(b)[0]
+        k = a.shape[-1]
+        overlap = (a.unsqueeze(-1) == c.unsqueeze(-2)).any(-1).sum(-1).double() / k
+        shared += float(overlap.sum())
+        total += overlap.numel()
+    return shared / max(total, 1)

@@ -1,0 +1,206 @@
+"""The Grouter: a small standalone router that reads token ids (arXiv 2603.06626).
+
+    G(X) = W_s · Enc_N(Emb(X))
+
+token embedding -> N pre-norm transformer blocks (RMSNorm, rotary positions, SwiGLU) -> RMSNorm ->
+the final projection W_s (optionally with a bias) to one logit per expert.
+
+Causal by default: position t attends to positions <= t only, so its route depends only on its
+prefix, as an autoregressive model needs. `causal=False` is the paper's bidirectional encoder;
+its routes see future tokens, which leaks them into a language model's training and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Grouter", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_WEIGHTS, _CONFIG = "model.safetensors", "config.json"
+
+
+def _rotary(seq_len: int, dim: int, base: float, device, dtype) -> Tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, causal: bool, rope_base: float):
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
+        self.n_heads, self.causal, self.rope_base = n_heads, causal, rope_base
+        self.attn_norm = nn.RMSNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_norm = nn.RMSNorm(d_model)
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        cos, sin = _rotary(S, D // self.n_heads, self.rope_base, x.device, q.dtype)
+        q, k = _apply_rotary(q, cos[:, None], sin[:, None]), _apply_rotary(k, cos[:, None], sin[:, None])
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=self.causal)
+        x = x + self.out(attn.transpose(1, 2).reshape(B, S, D))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Grouter(nn.Module):
+    """Token ids [B, S] -> expert logits [B, S, E]; `route` gives top-k ids and gate weights."""
+
+    def __init__(self, vocab_size: int, num_experts: int, top_k: int, d_model: int = 512, n_layers: int = 3,
+                 n_heads: int = 8, causal: bool = True, d_ff: Optional[int] = None, bias: bool = False,
+                 score: str = "softmax", scaling: float = 1.0, rope_base: float = 10000.0,
+                 source: Optional[str] = None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        if not causal:
+            warnings.warn("Grouter(causal=False) is the paper's bidirectional encoder: a token's route then "
+                          "depends on the tokens after it, which leaks future tokens into an autoregressive "
+                          "model's training and evaluation", stacklevel=2)
+        d_ff = d_ff or 4 * d_model
+        self.config: Dict[str, Any] = dict(
+            vocab_size=vocab_size, num_experts=num_experts, top_k=top_k, d_model=d_model, n_layers=n_layers,
+            n_heads=n_heads, causal=causal, d_ff=d_ff, bias=bias, score=score, scaling=scaling,
+            rope_base=rope_base, source=source)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, d_ff, causal, rope_base) for _ in range(n_layers))
+        self.norm = nn.RMSNorm(d_model)
+        self.proj = nn.Linear(d_model, num_experts, bias=bias)  # W_s
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02 / (math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "down.weight")) else 1))
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    # Constructor arguments, readable as attributes (g.num_experts, g.causal, ...).
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("config")
+        if config is not None and name in config:
+            return config[name]
+        return super().__getattr__(name)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dim() == 1:
+            return self.forward(input_ids[None])[0]
+        if input_ids.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
+            raise ValueError(f"Grouter reads token ids (an integer tensor), got {input_ids.dtype}")
+        x = self.embed(input_ids.long())
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return logits.float().softmax(-1) if self.score == "softmax" else logits.float().sigmoid()
+
+    def route_logits(self, logits: Tensor, top_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """Top-k of the logits; weights = softmax over the selected logits (or normalised sigmoid
+        scores), times `scaling`."""
+        top, ids = logits.float().topk(top_k or self.top_k, dim=-1)
+        w = top.softmax(-1) if self.score == "softmax" else top.sigmoid() / top.sigmoid().sum(-1, keepdim=True)
+        return ids, w * self.scaling
+
+    @torch.no_grad()
+    def route(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """(expert ids [..., K] int64, weights [..., K] float32) for token ids [..., S]."""
+        return self.route_logits(self(input_ids))
+
+    # --- artifacts -----------------------------------------------------------------------------
+
+    def checksum(self) -> str:
+        """sha256 over the parameters' names, shapes, dtypes and bytes: identifies these weights."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write `model.safetensors` and `config.json` (format version, constructor arguments, checksum)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / _WEIGHTS))
+        meta = dict(format="grouter", format_version=FORMAT_VERSION, config=self.config,
+                    config_sha256=_config_sha256(self.config), checksum=self.checksum(),
+                    file_sha256=_sha256(path / _WEIGHTS))
+        (path / _CONFIG).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], map_location: str = "cpu") -> "Grouter":
+        """Load a saved Grouter; any missing, truncated, corrupt or mismatched file raises ValueError."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in (_CONFIG, _WEIGHTS):
+            if not (path / name).is_file():
+                raise ValueError(f"Grouter.load: {path / name} is missing")
+        try:
+            meta = json.loads((path / _CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"Grouter.load: {path / _CONFIG} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != "grouter":
+            raise ValueError(f"Grouter.load: {path / _CONFIG} is not a grouter config")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"Grouter.load: format version {meta.get('format_version')} (this grouter reads {FORMAT_VERSION})")
+        if not isinstance(meta.get("config"), dict) or _config_sha256(meta["config"]) != meta.get("config_sha256"):
+            raise ValueError(f"Grouter.load: the model arguments in {path / _CONFIG} were altered or are missing")
+        if _sha256(path / _WEIGHTS) != meta.get("file_sha256"):
+            raise ValueError(f"Grouter.load: {path / _WEIGHTS} does not match its config (truncated or corrupt)")
+        try:
+            tensors = load_file(str(path / _WEIGHTS), device=map_location)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a bidirectional Grouter warns at construction
+                g = cls(**meta["config"])
+            g.load_state_dict(tensors, strict=True)
+        except Exception as e:  # noqa: BLE001 - any failure means no model, never half a model
+            raise ValueError(f"Grouter.load: cannot load {path}: {e}") from None
+        if g.checksum() != meta.get("checksum"):
+            raise ValueError(f"Grouter.load: the weights in {path} do not match the recorded checksum")
+        return g.to(map_location)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"experts={c['num_experts']}, top_k={c['top_k']}, causal={c['causal']}, score={c['score']!r}"
+
+
+def _config_sha256(config: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

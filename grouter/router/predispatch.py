@@ -1,0 +1,122 @@
+"""Pre-dispatch: routes computed once, offline, and stored beside the tokens.
+
+A folder holds `header.json` and three raw little-endian arrays, memory-mapped when read:
+tokens.bin (int32 [count, S]), ids.bin (uint8 when E <= 256, else int16 [count, S, K]) and
+weights.bin (bfloat16 bits as uint16 [count, S, K]). The header records E, K, S, count, the dtypes
+and the Grouter's checksum; the reader refuses files whose sizes disagree with the header, or a
+Grouter other than the one that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["predispatch", "PredispatchReader"]
+
+FORMAT_VERSION = 1
+
+
+def _as_samples(tokens, seq_len: Optional[int]) -> Tensor:
+    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens)
+    if t.dtype.is_floating_point:
+        raise ValueError("tokens must be integer token ids")
+    if t.dim() == 1:
+        if not seq_len:
+            raise ValueError("a 1-D token array needs seq_len to cut it into samples")
+        n = t.numel() // seq_len
+        if n == 0:
+            raise ValueError(f"{t.numel()} tokens do not fill one sample of {seq_len}")
+        t = t[: n * seq_len].view(n, seq_len)
+    if t.dim() != 2:
+        raise ValueError(f"tokens must be [count, S] or 1-D, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+@torch.no_grad()
+def predispatch(g, tokens, path: Union[str, Path], seq_len: Optional[int] = None, batch_size: int = 64,
+                progress: bool = True) -> Path:
+    """Route `tokens` ([count, S], or 1-D cut into seq_len samples) with g and write them to `path`."""
+    samples = _as_samples(tokens, seq_len)
+    count, S = samples.shape
+    E, K = g.num_experts, g.top_k
+    if E > 32767:
+        raise ValueError(f"pre-dispatch stores expert ids as int16; {E} experts do not fit")
+    id_dtype = np.uint8 if E <= 256 else np.int16
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    device = next(g.parameters()).device
+    t_mm = np.memmap(path / "tokens.bin", dtype="<i4", mode="w+", shape=(count, S))
+    i_mm = np.memmap(path / "ids.bin", dtype=id_dtype, mode="w+", shape=(count, S, K))
+    w_mm = np.memmap(path / "weights.bin", dtype="<u2", mode="w+", shape=(count, S, K))
+    starts = range(0, count, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predispatch", leave=False)
+    for s in starts:
+        batch = samples[s:s + batch_size]
+        ids, w = g.route(batch.to(device))
+        t_mm[s:s + len(batch)] = batch.numpy().astype("<i4")
+        i_mm[s:s + len(batch)] = ids.cpu().numpy().astype(id_dtype)
+        w_mm[s:s + len(batch)] = w.to(torch.bfloat16).cpu().view(torch.int16).numpy().view("<u2")
+    for mm in (t_mm, i_mm, w_mm):
+        mm.flush()
+    header = dict(format="grouter-predispatch", format_version=FORMAT_VERSION, num_experts=E, top_k=K,
+                  seq_len=S, count=count, ids_dtype=np.dtype(id_dtype).name, weights_dtype="bfloat16",
+                  grouter_checksum=g.checksum())
+    (path / "header.json").write_text(json.dumps(header, indent=2))
+    return path
+
+
+class PredispatchReader:
+    """Reads a pre-dispatched folder; iterating yields (tokens [S], ids [S, K], weights [S, K])."""
+
+    def __init__(self, path: Union[str, Path], grouter=None):
+        path = Path(path)
+        try:
+            h = json.loads((path / "header.json").read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} has no header.json: not a pre-dispatched folder") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'header.json'} is not valid JSON ({e})") from None
+        if h.get("format") != "grouter-predispatch" or h.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a grouter pre-dispatch folder of format {FORMAT_VERSION}")
+        count, S, K = h["count"], h["seq_len"], h["top_k"]
+        id_dtype = np.dtype(h["ids_dtype"])
+        expect = {"tokens.bin": count * S * 4, "ids.bin": count * S * K * id_dtype.itemsize,
+                  "weights.bin": count * S * K * 2}
+        for name, size in expect.items():
+            actual = (path / name).stat().st_size if (path / name).exists() else None
+            if actual != size:
+                raise ValueError(f"{path / name}: {actual} bytes, the header says {size}")
+        if grouter is not None:
+            if grouter.checksum() != h["grouter_checksum"]:
+                raise ValueError(f"{path} was routed by another Grouter (checksum mismatch)")
+            if (grouter.num_experts, grouter.top_k) != (h["num_experts"], K):
+                raise ValueError(f"{path} holds E={h['num_experts']} K={K} routes, the Grouter has "
+                                 f"E={grouter.num_experts} K={grouter.top_k}")
+        self.header, self.path = h, path
+        self.tokens = np.memmap(path / "tokens.bin", dtype="<i4", mode="r", shape=(count, S))
+        self.ids = np.memmap(path / "ids.bin", dtype=id_dtype, mode="r", shape=(count, S, K))
+        self.weights = np.memmap(path / "weights.bin", dtype="<u2", mode="r", shape=(count, S, K))
+        if int(self.ids.max(initial=0)) >= h["num_experts"]:
+            raise ValueError(f"{path / 'ids.bin'} holds expert ids >= num_experts={h['num_experts']}")
+
+    def __len__(self) -> int:
+        return self.header["count"]
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
+        tokens = torch.from_numpy(np.array(self.tokens[i], dtype=np.int64))
+        ids = torch.from_numpy(np.array(self.ids[i], dtype=np.int64))
+        weights = torch.from_numpy(np.array(self.weights[i]).view(np.int16)).view(torch.bfloat16)
+        return tokens, ids, weights
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        for i in range(len(self)):
+            yield self[i]

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+import grouter
+from conftest import VOCAB, small_grouter
+
+
+@pytest.mark.parametrize("E", [8, 300])
+def test_roundtrip(tmp_path, E):
+    g = small_grouter(E=E)
+    tokens = torch.randint(0, VOCAB, (10, 16))
+    grouter.predispatch(g, tokens, tmp_path, batch_size=4, progress=False)
+    header = json.loads((tmp_path / "header.json").read_text())
+    assert header["ids_dtype"] == ("uint8" if E <= 256 else "int16")
+    reader = grouter.PredispatchReader(tmp_path, grouter=g)
+    assert len(reader) == 10
+    ids, w = g.route(tokens)
+    for i, (t, sample_ids, sample_w) in enumerate(reader):
+        assert torch.equal(t, tokens[i])
+        assert torch.equal(sample_ids, ids[i])
+        assert sample_w.dtype == torch.bfloat16
+        torch.testing.assert_close(sample_w.float(), w[i], rtol=1e-2, atol=1e-2)
+
+
+def test_flat_tokens_are_cut_into_samples(tmp_path):
+    g = small_grouter()
+    grouter.predispatch(g, torch.randint(0, VOCAB, (100,)), tmp_path, seq_len=16, progress=False)
+    assert len(grouter.PredispatchReader(tmp_path)) == 6
+
+
+def test_refuses_mismatches(tmp_path):
+    g = small_grouter()
+    grouter.predispatch(g, torch.randint(0, VOCAB, (4, 8)), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another Grouter"):
+        grouter.PredispatchReader(tmp_path, grouter=small_grouter())
+    ids = (tmp_path / "ids.bin").read_bytes()
+    (tmp_path / "ids.bin").write_bytes(ids[:-3])
+    with pytest.raises(ValueError, match="header says"):
+        grouter.PredispatchReader(tmp_path)
+    (tmp_path / "ids.bin").write_bytes(ids)
+    header = json.loads((tmp_path / "header.json").read_text())
+    header["count"] = 5
+    (tmp_path / "header.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="header says"):
+        grouter.PredispatchReader(tmp_path)
+    with pytest.raises(ValueError, match="header.json"):
+        grouter.PredispatchReader(tmp_path / "nowhere")
