@@ -1,4 +1,4 @@
-"""The `grouter` command: distill | fold | tune | predispatch | inspect (see `grouter CMD --help`).
+"""The `grouter` command: demo | distill | fold | tune | predispatch | inspect (`grouter CMD --help`).
 
 Token data (--data) is a .npy array of token ids, or any other file read as bytes (vocabulary 256).
 Grouters are read and written in the artifact format of `Grouter.save` (a folder).
@@ -122,10 +122,28 @@ def cmd_inspect(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, corpus=args.corpus, preset=args.preset, seeds=args.seeds,
+             device=args.device, resume=args.resume, jobs=args.jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grouter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole method end to end on an embedded corpus, with a report")
+    p.add_argument("--quick", action="store_true", help="a small run (about 3 minutes on 2 cores)")
+    p.add_argument("--out", default="grouter_demo", help="output folder (default: grouter_demo)")
+    p.add_argument("--corpus", default=None, help="a text file or folder instead of the embedded corpus")
+    p.add_argument("--preset", default="default", help="default, or fine (64 experts top-8 folded to 32)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds for learned_aux and grouter (default 2)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="keep finished stages found in --out")
+    p.add_argument("--jobs", type=int, default=None, help="target runs at a time (default: 2 on a CPU)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("distill", help="distil a Grouter from a transformers MoE model's router")
     p.add_argument("--source", required=True, help="a local transformers MoE model folder")

@@ -55,12 +55,14 @@ class SoftmaxTopKRouter(nn.Module):
         self.aux_loss: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None  # of the last forward (grouter.distill reads them)
+        self.last_ids: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         logits = F.linear(x, self.weight).float()
         self.logits = logits
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
+        self.last_ids = ids
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         self.aux_loss = load_balancing_loss(probs, ids, self.num_experts)
@@ -85,11 +87,13 @@ class SigmoidTopKRouter(nn.Module):
         self.aux_loss: Optional[Tensor] = None  # none: balance comes from the bias
         self.z_loss: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None
+        self.last_ids: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         self.logits = F.linear(x, self.weight).float()
         scores = self.logits.sigmoid()
         ids = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # the bias picks, not weighs
+        self.last_ids = ids
         weights = scores.gather(1, ids)
         weights = self.scaling * weights / weights.sum(dim=-1, keepdim=True)
         if self.training and self.bias_update_rate > 0:

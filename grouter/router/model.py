@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Grouter", "FORMAT_VERSION"]
+__all__ = ["Grouter", "Attention", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
@@ -40,27 +40,38 @@ def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class _Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, causal: bool, rope_base: float):
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention with rotary positions, causal or bidirectional."""
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, rope_base: float = 10000.0):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"d_model={d_model} must split into n_heads={n_heads} heads of even size")
         self.n_heads, self.causal, self.rope_base = n_heads, causal, rope_base
-        self.attn_norm = nn.RMSNorm(d_model)
+        self.norm = nn.RMSNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        cos, sin = _rotary(S, D // self.n_heads, self.rope_base, x.device, q.dtype)
+        q, k = _apply_rotary(q, cos[:, None], sin[:, None]), _apply_rotary(k, cos[:, None], sin[:, None])
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=self.causal)
+        return self.out(attn.transpose(1, 2).reshape(B, S, D))
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, causal: bool, rope_base: float):
+        super().__init__()
+        self.attn = Attention(d_model, n_heads, causal, rope_base)
         self.mlp_norm = nn.RMSNorm(d_model)
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, S, D = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        cos, sin = _rotary(S, D // self.n_heads, self.rope_base, x.device, q.dtype)
-        q, k = _apply_rotary(q, cos[:, None], sin[:, None]), _apply_rotary(k, cos[:, None], sin[:, None])
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=self.causal)
-        x = x + self.out(attn.transpose(1, 2).reshape(B, S, D))
+        x = x + self.attn(x)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 

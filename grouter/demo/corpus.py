@@ -1,0 +1,76 @@
+"""The demo's data: text every Python install has, read as bytes (vocabulary 256).
+
+Default corpus: `pydoc_data.topics` and the standard library's `.py` sources (site-packages left
+out), in sorted path order. `--corpus PATH` takes any file or folder instead. The byte stream is
+cut into blocks; every `val_every`-th block is held out for validation, so both splits span the
+whole corpus. Training windows are drawn at random (a seeded generator: the same data order for
+every run of a seed); validation windows are spread evenly over the whole held-out set.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+VOCAB = 256
+BLOCK = 4096
+
+
+def _stdlib_files() -> List[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def load_corpus(path: Optional[str] = None) -> Tuple[bytes, str]:
+    """(the corpus bytes, a description)."""
+    if path is None:
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        parts = [topics[k].encode("utf-8") for k in sorted(topics)]
+        files = _stdlib_files()
+        parts += [f.read_bytes() for f in files]
+        return b"\n".join(parts), f"pydoc_data.topics + {len(files)} stdlib .py files"
+    p = Path(path)
+    if p.is_file():
+        return p.read_bytes(), str(p)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        if not files:
+            raise SystemExit(f"grouter demo: {p} holds no files")
+        return b"\n".join(f.read_bytes() for f in files), f"{p} ({len(files)} files)"
+    raise SystemExit(f"grouter demo: no such corpus: {p}")
+
+
+class Corpus:
+    """Train/validation split by blocks, with window samplers."""
+
+    def __init__(self, data: bytes, description: str, val_every: int = 20):
+        arr = np.frombuffer(data, dtype=np.uint8)
+        n_blocks = len(arr) // BLOCK
+        if n_blocks < 2 * val_every:
+            raise SystemExit(f"grouter demo: the corpus has {len(arr)} bytes; it needs at least {2 * val_every * BLOCK}")
+        blocks = arr[: n_blocks * BLOCK].reshape(n_blocks, BLOCK)
+        is_val = np.arange(n_blocks) % val_every == val_every - 1
+        self.train = torch.from_numpy(blocks[~is_val].reshape(-1).astype(np.int64))
+        self.val = torch.from_numpy(blocks[is_val].reshape(-1).astype(np.int64))
+        self.description = description
+        self.bytes = len(arr)
+
+    def train_batches(self, seed: int, batch: int, seq: int):
+        """An endless stream of [batch, seq] training windows, the same for every run of a seed."""
+        g = torch.Generator().manual_seed(seed)
+        hi = self.train.numel() - seq
+        while True:
+            starts = torch.randint(0, hi, (batch,), generator=g)
+            yield torch.stack([self.train[s:s + seq] for s in starts.tolist()])
+
+    def val_windows(self, count: int, seq: int) -> torch.Tensor:
+        """[count, seq] windows at evenly spaced offsets across the whole held-out set."""
+        starts = np.linspace(0, self.val.numel() - seq - 1, count).astype(np.int64)
+        return torch.stack([self.val[s:s + seq] for s in starts.tolist()])
