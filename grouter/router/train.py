@@ -14,7 +14,6 @@ import math
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import max_vio
