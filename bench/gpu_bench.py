@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from grouter import ops
+from native import native_permute, native_unpermute
 
 SHAPES = {  # name: (T, H, K, E, dtype)
     "T16384 H4096 K8 E128 bf16": (16384, 4096, 8, 128, torch.bfloat16),
@@ -57,17 +58,6 @@ def make_inputs(T, H, K, E, dtype, device, copies):
         out.append(dict(ids=ids, plan=plan, x=x, y=ops.permute(x, plan), w=torch.rand(T, K, device=device),
                         g=torch.randn(T, H, device=device, dtype=dtype)))
     return out
-
-
-def native_permute(ids, x, K):
-    order = ids.reshape(-1).argsort(stable=True)
-    return x.index_select(0, order // K)
-
-
-def native_unpermute(ids, y, w, K):
-    order = ids.reshape(-1).argsort(stable=True)
-    out = torch.zeros(ids.shape[0], y.shape[1], device=y.device, dtype=y.dtype)
-    return out.index_add_(0, order // K, y * w.reshape(-1)[order, None].to(y.dtype))
 
 
 def native_unpermute_backward(ids, g, y, w, K):

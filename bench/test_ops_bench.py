@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from grouter import ops
+from native import native_permute, native_unpermute
 
 SHAPES = {  # name: (T, H, K, E, dtype)
     "T16384 H1024 K2 E16 fp32": (16384, 1024, 2, 16, torch.float32),
@@ -65,13 +66,7 @@ def test_permute_with_plan(benchmark, record, case):
 
 
 def test_native_permute(benchmark, record, case):
-    ids, K, x = case["ids"], case["K"], case["x"]
-
-    def native():
-        order = ids.reshape(-1).argsort(stable=True)
-        return x.index_select(0, order // K)
-
-    benchmark(native)
+    benchmark(native_permute, case["ids"], case["x"], case["K"])
     record(case["name"], "native permute", case["bytes"]["permute"] + case["bytes"]["ids"])
 
 
@@ -81,14 +76,7 @@ def test_unpermute(benchmark, record, case):
 
 
 def test_native_unpermute(benchmark, record, case):
-    ids, K, T, H, y, w = (case[k] for k in ("ids", "K", "T", "H", "y", "w"))
-
-    def native():
-        order = ids.reshape(-1).argsort(stable=True)
-        out = torch.zeros(T, H, dtype=y.dtype)
-        return out.index_add_(0, order // K, y * w.reshape(-1)[order, None].to(y.dtype))
-
-    benchmark(native)
+    benchmark(native_unpermute, case["ids"], case["y"], case["w"], case["K"])
     record(case["name"], "native unpermute", case["bytes"]["unpermute"])
 
 

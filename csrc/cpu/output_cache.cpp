@@ -112,7 +112,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const int64_t bytes = numel * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  if (bytes < kMinCachedBytes || cache().limit() == 0) return at::empty(sizes, options);
+  if (bytes < kMinCachedBytes || cache().limit() == 0) {
+    at::Tensor out = at::empty(sizes, options);
+    advise_huge_pages(out.mutable_data_ptr(), bytes);  // cached blocks were advised when allocated
+    return out;
+  }
   Block* b = cache().take(bytes);
   return at::for_blob(b->ptr, sizes).context(b, &release).options(options).make_tensor();
 }

@@ -26,7 +26,7 @@ at::Tensor permute_cpu(const at::Tensor& x_, const at::Tensor& row_of_) {
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   const int32_t* rows = row_of.const_data_ptr<int32_t>();
-  const RowWriter writer(dst, out.nbytes());
+  const RowWriter writer(out.nbytes());
   at::parallel_for(0, T, tokens_per_task(row_bytes * (K + 1)), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t k = 0; k < K; ++k)

@@ -43,11 +43,7 @@ class RowWriter {
   // Streaming pays off only when the output would not stay in the last-level cache anyway.
   static constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
-  // Also advises huge pages for the (fresh) output it is about to fill.
-  RowWriter(void* out, int64_t out_bytes)
-      : stream_(kHaveStreaming && out_bytes >= kStreamMinBytes) {
-    advise_huge_pages(out, out_bytes);
-  }
+  explicit RowWriter(int64_t out_bytes) : stream_(kHaveStreaming && out_bytes >= kStreamMinBytes) {}
 
   // Copies n bytes; streams when dst and n are 16-byte aligned, the usual case for rows of a
   // fresh (64-byte aligned) tensor whose row size is a multiple of 16 bytes.

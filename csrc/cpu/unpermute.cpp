@@ -31,7 +31,7 @@ static_assert(kBlock % kLanes == 0);
 template <typename scalar_t, typename acc_t>
 void combine_kernel(const scalar_t* y, const int32_t* row_of, const acc_t* w, scalar_t* out,
                     int64_t T, int64_t K, int64_t H) {
-  const RowWriter writer(out, T * H * int64_t(sizeof(scalar_t)));
+  const RowWriter writer(T * H * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, T, tokens_per_task(H * (K + 1) * int64_t(sizeof(scalar_t))),
                    [&](int64_t b, int64_t e) {
     acc_t acc[kBlock];
@@ -55,7 +55,7 @@ template <typename scalar_t, typename acc_t>
 void combine_backward_kernel(const scalar_t* grad_out, const scalar_t* y, const int32_t* row_of,
                              const acc_t* w, scalar_t* grad_y, acc_t* grad_w, int64_t T,
                              int64_t K, int64_t H) {
-  const RowWriter writer(grad_y, T * K * H * int64_t(sizeof(scalar_t)));
+  const RowWriter writer(T * K * H * int64_t(sizeof(scalar_t)));
   const int64_t rows_read = grad_w ? 2 * K + 1 : K + 1;
   at::parallel_for(0, T, tokens_per_task(H * rows_read * int64_t(sizeof(scalar_t))),
                    [&](int64_t b, int64_t e) {

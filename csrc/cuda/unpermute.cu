@@ -17,6 +17,12 @@ constexpr int kBackwardThreads = 256;
 // would leave the kernel latency-bound, not bandwidth-bound.
 constexpr int kRowsInFlight = 4;
 
+// rows[k] (a token's row_of), or -1 past K or, with checks off and a corrupt plan, outside [0, n_rows).
+__device__ __forceinline__ int64_t row_or_skip(const int32_t* rows, int64_t k, int64_t K, int64_t n_rows) {
+  const int64_t r = k < K ? rows[k] : -1;
+  return r >= 0 && r < n_rows ? r : -1;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void combine(const scalar_t* y, const int32_t* row_of, const acc_t* w, scalar_t* out,
                         int64_t K, int64_t H, int64_t n_rows) {
@@ -31,18 +37,16 @@ __global__ void combine(const scalar_t* y, const int32_t* row_of, const acc_t* w
     for (int64_t k0 = 0; k0 < K; k0 += kRowsInFlight) {
       V val[kRowsInFlight];
       acc_t wk[kRowsInFlight];
-      bool use[kRowsInFlight];
+      int64_t row[kRowsInFlight];
 #pragma unroll
       for (int j = 0; j < kRowsInFlight; ++j) {
-        const int64_t k = k0 + j;
-        const int64_t r = k < K ? rows[k] : -1;
-        use[j] = r >= 0 && r < n_rows;  // false past K, or for a corrupt plan with checks off
-        wk[j] = use[j] && w ? w[t * K + k] : acc_t(1);
-        if (use[j]) val[j] = reinterpret_cast<const V*>(y + r * H)[v];
+        row[j] = row_or_skip(rows, k0 + j, K, n_rows);
+        wk[j] = row[j] >= 0 && w ? w[t * K + k0 + j] : acc_t(1);
+        if (row[j] >= 0) val[j] = reinterpret_cast<const V*>(y + row[j] * H)[v];
       }
 #pragma unroll
       for (int j = 0; j < kRowsInFlight; ++j) {  // added in k order
-        if (!use[j]) continue;
+        if (row[j] < 0) continue;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] += wk[j] * to_acc<acc_t>(val[j].v[i]);
       }
@@ -72,10 +76,8 @@ combine_backward(const scalar_t* grad_out, const scalar_t* y, const int32_t* row
     acc_t dot[kRowsInFlight];
 #pragma unroll
     for (int j = 0; j < kRowsInFlight; ++j) {
-      const int64_t k = k0 + j;
-      const int64_t r = k < K ? row_of[t * K + k] : -1;
-      row[j] = (r >= 0 && r < n_rows) ? r : -1;  // the same for the whole block
-      wk[j] = k < K ? w[t * K + k] : acc_t(0);
+      row[j] = row_or_skip(row_of + t * K, k0 + j, K, n_rows);  // the same for the whole block
+      wk[j] = k0 + j < K ? w[t * K + k0 + j] : acc_t(0);
       dot[j] = acc_t(0);
     }
     for (int64_t v = threadIdx.x; v < vectors; v += kBackwardThreads) {

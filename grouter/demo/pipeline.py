@@ -8,6 +8,7 @@ learned_aux, learned_bias, hash, grouter (causal), grouter_bidirectional -> leak
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -249,6 +250,12 @@ def _summary(r: Dict) -> str:
             f"{r['tokens_per_s']:,.0f} tok/s, MaxVio {r['max_vio']:.2f}")
 
 
+@functools.lru_cache(maxsize=1)
+def _worker_corpus(corpus_path: Optional[str]) -> Corpus:
+    """A worker process reads the corpus once for all the runs it is given."""
+    return Corpus(*load_corpus(corpus_path))
+
+
 def _run_target(args, corpus: Optional[Corpus] = None) -> Dict:
     """One target run (also in a worker process, one thread)."""
     import warnings
@@ -260,7 +267,7 @@ def _run_target(args, corpus: Optional[Corpus] = None) -> Dict:
     cfg = Config(**cfg)
     if corpus is None:
         torch.set_num_threads(1)
-        corpus = Corpus(*load_corpus(corpus_path))
+        corpus = _worker_corpus(corpus_path)
     stages = Path(out) / "stages"
     route, g = None, None
     if name == "hash":

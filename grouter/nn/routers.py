@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..router.metrics import max_vio as max_violation  # noqa: F401  (re-exported: one MaxVio)
+
 __all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_violation"]
 
 
@@ -34,13 +36,6 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE's z-loss: mean squared log-partition, keeps router logits small."""
     return torch.logsumexp(logits, dim=-1).square().mean()
-
-
-def max_violation(expert_ids: Tensor, num_experts: int) -> float:
-    """MaxVio = (max load - mean load) / mean load over the routed slots (0 when balanced)."""
-    load = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).float()
-    mean = load.mean()
-    return float((load.max() - mean) / mean) if mean > 0 else 0.0
 
 
 class SoftmaxTopKRouter(nn.Module):
