@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 
 from .nn.experts import expert_mlp, glu
 from .nn.routing import plan_for
@@ -45,6 +44,8 @@ def _experts_fallback(module: nn.Module) -> Optional[str]:
 
 def _gate_fn(module: nn.Module):
     """grouter's fused SwiGLU for the default gate with SiLU; otherwise the module's own gate."""
+    from transformers.integrations.moe import _default_apply_gate
+
     act = getattr(module, "act_fn", None)
     is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
     return glu if type(module)._apply_gate is _default_apply_gate and is_silu else module._apply_gate
@@ -69,6 +70,8 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
 
 def register() -> None:
     """Register ``"grouter"`` in transformers' experts interface (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
     if ALL_EXPERTS_FUNCTIONS.get("grouter") is not experts_forward:
         ALL_EXPERTS_FUNCTIONS.register("grouter", experts_forward)
 
