@@ -13,7 +13,7 @@ projection; the [N, I] activation is recomputed in backward instead of stored.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,9 @@ def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
 Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
 
 
-def _slices(expert_offsets: Tensor) -> Slices:
-    bounds = expert_offsets.tolist()  # one device-to-host copy per call, not one per expert
+def _slices(expert_offsets: Union[Tensor, Sequence[int]]) -> Slices:
+    # One device-to-host copy per call (none for host offsets), not one per expert.
+    bounds = expert_offsets.tolist() if isinstance(expert_offsets, Tensor) else list(expert_offsets)
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 
 
@@ -132,13 +133,16 @@ def _per_expert_grad(weight: Tensor, slices: Slices, grad: Tensor, inp: Tensor) 
     return out
 
 
-def expert_mlp(rows: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_up_proj: Tensor, down_proj: Tensor,
                gate_fn: Callable[[Tensor], Tensor] = glu) -> Tensor:
-    """Expert MLP of expert-major rows [N, H] (expert e owns rows expert_offsets[e]:[e+1]) -> [N, H]."""
-    if rows.shape[0] == 0:
-        return rows.new_zeros(0, down_proj.shape[1])
-    if _grouped_mm_ok(rows, gate_up_proj):
-        offs = expert_offsets[1:].to(torch.int32)
+    """Expert MLP of expert-major rows [N, H] (expert e owns rows expert_offsets[e]:[e+1]) -> [N, H].
+
+    expert_offsets: a tensor [E+1], or a host sequence (then no device-to-host copy on the mm path).
+    Empty inputs stay in the autograd graph (zero weight gradients): expert parallelism relies on
+    every rank running the same backward, whether or not tokens reached its experts.
+    """
+    if _grouped_mm_ok(rows, gate_up_proj) and rows.shape[0] > 0:
+        offs = torch.as_tensor(expert_offsets, device=rows.device)[1:].to(torch.int32)
         h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
         return F.grouped_mm(gate_fn(h), down_proj.transpose(-2, -1), offs=offs)
     return _ExpertMLP.apply(rows, gate_up_proj, down_proj, _slices(expert_offsets), gate_fn)
@@ -167,7 +171,7 @@ class Experts(nn.Module):
     def gate_fn(self, h: Tensor) -> Tensor:
         return glu(h, ACTIVATIONS[self.activation])
 
-    def forward(self, rows: Tensor, expert_offsets: Tensor) -> Tensor:
+    def forward(self, rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]]) -> Tensor:
         gate_fn = glu if self.activation == "silu" else self.gate_fn  # glu: the fused SwiGLU path
         return expert_mlp(rows, expert_offsets, self.gate_up_proj, self.down_proj, gate_fn)
 

@@ -1,0 +1,214 @@
+"""Expert-parallel dispatch planned once per step: who sends how many rows to whom.
+
+Experts are relabelled by their slot in the placement (rank-major: rank r hosts slots
+r*E_loc .. (r+1)*E_loc - 1), so the routing plan of the relabelled ids is expert-major *and*
+destination-major: `permute` then writes the all-to-all send buffer directly, rows for rank 0
+first. A rank receives, from each source in turn, rows grouped by its local experts; a second plan
+(one id per received row: its local expert) reorders them expert-major for the expert MLP and
+back. Inside an expert, rows stay in ascending (source rank, token, k) order: exactly the rows,
+in the same order, that the single-process MoE gives that expert when the global batch is the
+ranks' tokens concatenated in rank order.
+
+Split sizes come from per-(rank, expert) row counts. Routes known for the whole global batch
+(pre-dispatched, on the host) give every count locally: no collective, no device-to-host copy.
+Otherwise one all-to-all of counts; all MoE layers sharing a routing share the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import ops
+from .placement import PlacementLike, check_placement, contiguous_placement
+
+__all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all"]
+
+
+@dataclass
+class CommStats:
+    """What this process sent through grouter.parallel since the last reset."""
+
+    all_to_alls: int = 0     # token all-to-alls (forward and backward)
+    count_exchanges: int = 0  # all-to-alls of split counts
+    bytes_sent: int = 0       # activation bytes sent to *other* ranks
+    count_bytes_sent: int = 0
+
+
+_stats = CommStats()
+
+
+def comm_stats() -> CommStats:
+    return replace(_stats)
+
+
+def reset_comm_stats() -> None:
+    global _stats
+    _stats = CommStats()
+
+
+def _group_info(group) -> tuple:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("grouter.parallel needs torch.distributed initialised (dist.init_process_group)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _exchange(x: Tensor, send: List[int], recv: List[int], group, rank: int) -> Tensor:
+    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    _stats.all_to_alls += 1
+    _stats.bytes_sent += (sum(send) - send[rank]) * math.prod(x.shape[1:]) * x.element_size()
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows split by `send` go out, rows split by `recv` come in; the gradient goes back the same way.
+
+    `anchor` (an empty tensor that requires grad) keeps this node in the graph on every rank, even
+    where the rows do not require grad, so every rank runs the backward collective: a rank that
+    skipped it would leave the others waiting.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, send, recv, group, rank):
+        ctx.args = (send, recv, group, rank)
+        return _exchange(x, send, recv, group, rank)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send, recv, group, rank = ctx.args
+        return _exchange(grad, recv, send, group, rank), None, None, None, None, None
+
+
+def all_to_all(x: Tensor, send: List[int], recv: List[int], group=None) -> Tensor:
+    """Differentiable uneven all-to-all of the rows of x: send[i] rows to rank i, recv[i] from it."""
+    rank, _ = _group_info(group)
+    if torch.is_grad_enabled():
+        anchor = torch.empty(0, device=x.device, requires_grad=True)
+        return _AllToAll.apply(x, anchor, send, recv, group, rank)
+    return _exchange(x, send, recv, group, rank)
+
+
+@dataclass(frozen=True)
+class ParallelRouting:
+    """A routing of this rank's tokens, planned for expert parallelism (build with `prepare`).
+
+    plan:          RoutingPlan of the slot-relabelled ids: the send layout, grouped by rank.
+    send_splits:   rows sent to each rank; recv_splits: rows received from each rank.
+    recv_plan:     RoutingPlan (K=1) of the received rows by local expert; None when the received
+                   order is already expert-major (one local expert, or one rank).
+    local_offsets: host list [E_loc + 1]: rows of local expert j, expert-major.
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    plan: ops.RoutingPlan
+    send_splits: List[int]
+    recv_splits: List[int]
+    recv_plan: Optional[ops.RoutingPlan]
+    local_offsets: List[int]
+    placement: Tensor
+    rank: int
+    exchanged_counts: bool = field(default=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.placement.numel()
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.shape[0]
+
+    @classmethod
+    def prepare(cls, expert_ids: Tensor, weights: Tensor, placement: Optional[PlacementLike] = None,
+                num_experts: Optional[int] = None, group=None,
+                global_expert_ids: Optional[Sequence[Tensor]] = None) -> "ParallelRouting":
+        """Plan this rank's routing (expert_ids / weights [..., K]) for expert parallelism.
+
+        global_expert_ids: the expert ids of every rank's tokens, in rank order (this rank's
+        equal to expert_ids), ideally host tensors, e.g. read from pre-dispatch files: all split
+        sizes are then derived here without a collective. Without them, one all-to-all of counts.
+        """
+        rank, world = _group_info(group)
+        if placement is None:
+            if num_experts is None:
+                raise ValueError("pass a placement or num_experts (for the contiguous placement)")
+            placement = contiguous_placement(num_experts, world)
+        p = torch.as_tensor(placement)
+        E = p.numel() if num_experts is None else num_experts
+        p = check_placement(p, E, world)
+        ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
+        w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
+        if ids.shape != w.shape:
+            raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
+        slot_of = torch.empty(E, dtype=torch.long)
+        slot_of[p.flatten()] = torch.arange(E)
+        _check_ids(ids, E)
+        plan = ops.routing_plan(slot_of.to(ids.device)[ids.long()].to(ids.dtype), E)
+        E_loc = E // world
+        if global_expert_ids is not None:
+            counts = _global_counts(global_expert_ids, ids, slot_of, rank, world)  # [W, E] on the host
+            send = counts[rank].view(world, E_loc).sum(1)
+            recv_counts = counts[:, rank * E_loc:(rank + 1) * E_loc]
+            exchanged = False
+        else:
+            send_counts = plan.expert_offsets.diff()  # [E], slot order
+            recv_counts = torch.empty_like(send_counts)
+            if world > 1:
+                dist.all_to_all_single(recv_counts, send_counts, group=group)
+                _stats.count_exchanges += 1
+                _stats.count_bytes_sent += (world - 1) * E_loc * send_counts.element_size()
+            else:
+                recv_counts.copy_(send_counts)
+            both = torch.stack([send_counts, recv_counts]).cpu()  # the one device-to-host copy
+            send = both[0].view(world, E_loc).sum(1)
+            recv_counts = both[1].view(world, E_loc)
+            exchanged = True
+        recv = recv_counts.sum(1)
+        per_expert = recv_counts.sum(0)
+        local_offsets = [0] + torch.cumsum(per_expert, 0).tolist()
+        recv_plan = None
+        if world > 1 and E_loc > 1:
+            local_ids = torch.arange(E_loc).repeat(world).repeat_interleave(recv_counts.flatten())
+            recv_plan = ops.routing_plan(local_ids.view(-1, 1).to(device=ids.device, dtype=torch.int32), E_loc)
+        return cls(ids, w, plan, send.tolist(), recv.tolist(), recv_plan, local_offsets, p, rank, exchanged)
+
+
+def _check_ids(ids: Tensor, E: int) -> None:
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_ids must be int32 or int64 [T, K], got {ids.dtype} of shape {tuple(ids.shape)}")
+    if ids.numel() and (not ids.is_cuda or ops.cuda_checks_enabled()):
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= E:
+            raise IndexError(f"expert_ids holds ids in [{int(lo)}, {int(hi)}], outside [0, {E})")
+        # Checked here, in global ids: the plan sees slot ids, and its message would name slots.
+        s = ids.sort(dim=1).values
+        repeats = (s[:, 1:] == s[:, :-1]).any(dim=1)
+        if bool(repeats.any()):
+            t = int(repeats.nonzero()[0])
+            raise ValueError(f"token {t} repeats an expert in its expert ids {ids[t].tolist()}; a token's K expert "
+                             f"ids must be distinct")
+
+
+def _global_counts(global_ids: Sequence[Tensor], ids: Tensor, slot_of: Tensor, rank: int, world: int) -> Tensor:
+    """int64 [W, E]: rows each rank sends to each slot, from every rank's (host) expert ids."""
+    if len(global_ids) != world:
+        raise ValueError(f"global_expert_ids must hold one tensor per rank ({world}), got {len(global_ids)}")
+    E = slot_of.numel()
+    rows = []
+    for r, g in enumerate(global_ids):
+        g = torch.as_tensor(g).cpu()
+        g = g.reshape(-1, ids.shape[1]) if g.numel() else g.reshape(0, ids.shape[1])
+        # Split sizes that disagree with the plan would send the wrong rows: check what is cheap
+        # (this rank's routes; on a GPU only their shape, comparing values would need a sync).
+        if r == rank and (g.shape != ids.shape or (not ids.is_cuda and not torch.equal(g.long(), ids.long()))):
+            raise ValueError(f"global_expert_ids[{rank}] ({tuple(g.shape)}) differs from this rank's expert_ids "
+                             f"({tuple(ids.shape)}): it must be this rank's routes")
+        _check_ids(g, E)
+        rows.append(torch.bincount(slot_of[g.long()].flatten(), minlength=E))
+    return torch.stack(rows)

@@ -1,0 +1,99 @@
+"""ExpertParallelMoE in a one-process group: the single-process result, and errors for bad input."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import reference as ref
+from grouter import nn as gnn
+from grouter.parallel import ExpertParallelMoE, ParallelRouting, comm_stats, reset_comm_stats
+from launch import free_port
+
+
+@pytest.fixture(scope="module")
+def group():
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one local rank: the loopback is enough
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield None
+    dist.destroy_process_group()
+
+
+def routing(T, K, E):
+    return ref.random_routing(T, K, E), torch.rand(T, K)
+
+
+@pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (50, 2, 8), (33, 8, 8)])
+def test_one_rank_equals_moe(group, T, K, E):
+    moe = gnn.MoE(16, 8, E, K)
+    ep = ExpertParallelMoE(moe)
+    assert ep.local_experts == list(range(E))
+    assert dict(ep.named_parameters()).keys() == dict(moe.named_parameters()).keys()
+    x = torch.randn(T, 16)
+    ids, w = routing(T, K, E)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    a, b = moe(xs[0], routing=(ids, w)), ep(xs[1], routing=(ids, w))
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    assert torch.equal(moe.experts.down_proj.grad, ep.experts.down_proj.grad)
+
+
+def test_one_rank_sends_nothing_and_prepares_once(group):
+    moe = gnn.MoE(16, 8, 4, 2)
+    ep = ExpertParallelMoE(moe)
+    ids, w = routing(10, 2, 4)
+    reset_comm_stats()
+    r = ep.prepare(ids, w, global_expert_ids=[ids])
+    ep(torch.randn(2, 5, 16), routing=r)
+    s = comm_stats()
+    assert (s.count_exchanges, s.bytes_sent) == (0, 0)
+    assert not r.exchanged_counts and r.send_splits == r.recv_splits == [20]
+
+
+def test_bad_input(group):
+    moe = gnn.MoE(16, 8, 4, 2)
+    ep = ExpertParallelMoE(moe)
+    x = torch.randn(6, 16)
+    ids, w = routing(6, 2, 4)
+    with pytest.raises(IndexError, match="outside"):
+        ep(x, routing=(ids + 4, w))
+    with pytest.raises(ValueError, match="token 0 repeats an expert"):
+        ep(x, routing=(torch.zeros(6, 2, dtype=torch.long), w))
+    with pytest.raises(ValueError, match="tokens"):
+        ep(x[:5], routing=(ids, w))
+    with pytest.raises(ValueError, match="same shape"):
+        ep(x, routing=(ids, w[:, :1]))
+    with pytest.raises(ValueError, match="hidden size"):
+        ep(torch.randn(6, 8), routing=(ids, w))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        ep(x, routing=(ids.float(), w))
+    with pytest.raises(TypeError, match="routing must be"):
+        ep(x, routing=ids)
+    with pytest.raises(ValueError, match="no router"):
+        ep(x)
+    with pytest.raises(ValueError, match="one tensor per rank"):
+        ep.prepare(ids, w, global_expert_ids=[ids, ids])
+    with pytest.raises(ValueError, match="this rank's routes"):
+        ep.prepare(ids, w, global_expert_ids=[ids[:3]])
+    other = ParallelRouting.prepare(ids, w, torch.tensor([[3, 2, 1, 0]]))
+    with pytest.raises(ValueError, match="another placement"):
+        ep(x, routing=other)
+    with pytest.raises(ValueError, match="exactly once"):
+        ExpertParallelMoE(moe, placement=[[0, 0, 1, 2]])
+
+
+def test_needs_an_initialised_group(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoE(gnn.MoE(8, 4, 2, 1))
+
+
+def test_global_routes_must_match_this_ranks_routes(group):
+    ep = ExpertParallelMoE(gnn.MoE(16, 8, 4, 2))
+    ids, w = routing(6, 2, 4)
+    with pytest.raises(ValueError, match="this rank's routes"):
+        ep.prepare(ids, w, global_expert_ids=[ids.flip(1)])
