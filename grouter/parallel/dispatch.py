@@ -38,6 +38,7 @@ class CommStats:
     count_exchanges: int = 0  # all-to-alls of split counts
     bytes_sent: int = 0       # activation bytes sent to *other* ranks
     count_bytes_sent: int = 0
+    route_checks: int = 0     # all-reduces checking that every rank planned from the same global routes
 
 
 _stats = CommStats()
@@ -127,12 +128,18 @@ class ParallelRouting:
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, placement: Optional[PlacementLike] = None,
                 num_experts: Optional[int] = None, group=None,
-                global_expert_ids: Optional[Sequence[Tensor]] = None) -> "ParallelRouting":
+                global_expert_ids: Optional[Sequence[Tensor]] = None,
+                check: Optional[bool] = None) -> "ParallelRouting":
         """Plan this rank's routing (expert_ids / weights [..., K]) for expert parallelism.
 
         global_expert_ids: the expert ids of every rank's tokens, in rank order (this rank's
         equal to expert_ids), ideally host tensors, e.g. read from pre-dispatch files: all split
         sizes are then derived here without a collective. Without them, one all-to-all of counts.
+
+        Ranks whose global routes disagree would exchange rows with split sizes that do not match
+        (gloo then delivers garbage without an error). check=True verifies, with one small
+        all-reduce, that every rank derived the same counts and raises ValueError otherwise;
+        the default (None) checks the first such routing of the process only, True every one.
         """
         rank, world = _group_info(group)
         if placement is None:
@@ -153,6 +160,8 @@ class ParallelRouting:
         E_loc = E // world
         if global_expert_ids is not None:
             counts = _global_counts(global_expert_ids, ids, slot_of, rank, world)  # [W, E] on the host
+            if world > 1:
+                _check_same_counts(counts, ids.device, group, check)
             send = counts[rank].view(world, E_loc).sum(1)
             recv_counts = counts[:, rank * E_loc:(rank + 1) * E_loc]
             exchanged = False
@@ -177,6 +186,29 @@ class ParallelRouting:
             local_ids = torch.arange(E_loc).repeat(world).repeat_interleave(recv_counts.flatten())
             recv_plan = ops.routing_plan(local_ids.view(-1, 1).to(device=ids.device, dtype=torch.int32), E_loc)
         return cls(ids, w, plan, send.tolist(), recv.tolist(), recv_plan, local_offsets, p, rank, exchanged)
+
+
+def same_on_all_ranks(t: Tensor, device, group) -> bool:
+    """Whether every rank of the group holds the same integer tensor t (same shape on all ranks)."""
+    flat = t.flatten().long()
+    both = torch.cat([flat, -flat]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min] of each entry
+    return torch.equal(both[:flat.numel()], -both[flat.numel():])
+
+
+_checked = False  # whether this process has checked a routing planned from global routes
+
+
+def _check_same_counts(counts: Tensor, device, group, check: Optional[bool]) -> None:
+    """Raise ValueError on every rank unless all ranks hold the same [W, E] counts (when asked)."""
+    global _checked
+    if not (check or (check is None and not _checked)):
+        return
+    _checked = True
+    _stats.route_checks += 1
+    if not same_on_all_ranks(counts, device, group):
+        raise ValueError("the ranks passed different global_expert_ids: every rank must plan from the same "
+                         "routes of the whole global batch")
 
 
 def _check_ids(ids: Tensor, E: int) -> None:

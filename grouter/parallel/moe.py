@@ -20,7 +20,7 @@ from .. import ops
 from ..nn.experts import Experts
 from ..nn.moe import MoE
 from ..nn.routing import Routing
-from .dispatch import ParallelRouting, _group_info, all_to_all
+from .dispatch import ParallelRouting, _group_info, all_to_all, same_on_all_ranks
 from .placement import PlacementLike, check_placement, contiguous_placement
 
 __all__ = ["ExpertParallelMoE"]
@@ -36,6 +36,14 @@ class ExpertParallelMoE(nn.Module):
         self.group, self.rank, self.world_size = group, rank, world
         self.hidden_size, self.num_experts, self.top_k = moe.hidden_size, E, moe.top_k
         self.placement = check_placement(contiguous_placement(E, world) if placement is None else placement, E, world)
+        if world > 1:  # once per layer: ranks that disagree here would exchange garbage later
+            device = moe.experts.gate_up_proj.device
+            shape = torch.tensor([E, moe.top_k, moe.hidden_size, moe.experts.intermediate_size])
+            if not same_on_all_ranks(shape, device, group):
+                raise ValueError("the ranks wrap MoE layers of different sizes (num_experts, top_k, hidden or "
+                                 "intermediate size)")
+            if not same_on_all_ranks(self.placement, device, group):
+                raise ValueError("the ranks pass different placements: every rank must use the same one")
         self.local_experts: List[int] = self.placement[rank].tolist()
         src = moe.experts
         p = src.gate_up_proj
@@ -47,11 +55,11 @@ class ExpertParallelMoE(nn.Module):
             self.experts.down_proj.copy_(src.down_proj.index_select(0, index))
         self.router = moe.router  # replicated on every rank
 
-    def prepare(self, expert_ids: Tensor, weights: Tensor,
-                global_expert_ids: Optional[Sequence[Tensor]] = None) -> ParallelRouting:
+    def prepare(self, expert_ids: Tensor, weights: Tensor, global_expert_ids: Optional[Sequence[Tensor]] = None,
+                check: Optional[bool] = None) -> ParallelRouting:
         """Plan a routing once per step for every layer sharing it (see ParallelRouting.prepare)."""
         return ParallelRouting.prepare(expert_ids, weights, self.placement, self.num_experts, self.group,
-                                       global_expert_ids)
+                                       global_expert_ids, check)
 
     def forward(self, x: Tensor, routing: Optional[ParallelRoutingLike] = None) -> Tensor:
         """x [..., H] of this rank's tokens -> [..., H]. Every rank of the group must call it."""

@@ -7,6 +7,9 @@ ranks none), one or two MoE layers, and a routing mode:
   global    ParallelRouting.prepare(..., global_expert_ids=every rank's ids): no exchange
   shared    one ParallelRouting (one exchange) for both layers of a two-layer stack
   router    the MoE's own (replicated) softmax router: routing=None
+  mismatch  like global, but the last rank drops a token from rank 0's routes: every rank must
+            raise ValueError (gloo itself would exchange garbage without an error)
+  placement_mismatch  the last rank wraps its MoE with another placement: every rank must raise
 
 The "predispatch" case takes its routes from pre-dispatch files of a small Grouter, places the
 samples with assign_samples, and plans with the routes of every rank read from the files.
@@ -35,6 +38,8 @@ CASES = {
     "router_gelu": dict(E=8, K=2, counts={2: [26, 40], 4: [26, 40, 11, 0]}, mode="router", activation="gelu"),
     "predispatch": dict(E=8, K=2, samples={2: 7, 4: 10}, seq=6, mode="global", placement="random",
                         route="predispatch"),
+    "mismatch": dict(E=8, K=2, counts={2: [9, 7], 4: [9, 7, 3, 5]}, mode="mismatch"),
+    "placement_mismatch": dict(E=8, K=2, counts={2: [4, 4], 4: [4, 4, 4, 4]}, mode="placement_mismatch"),
     "bf16": dict(E=8, K=2, counts={2: [33, 16], 4: [33, 16, 8, 2]}, mode="exchange", dtype="bfloat16"),
 }
 H, I = 32, 16

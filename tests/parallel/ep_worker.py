@@ -26,6 +26,14 @@ def main(out_dir: str, seed: int, cases):
         c, layers, x, ids, w, grad_out, placement = build(name, world, seed)
         start = sum(c["counts"][:rank])
         mine = slice(start, start + c["counts"][rank])
+        if c["mode"] == "placement_mismatch":
+            try:
+                ExpertParallelMoE(layers[0], placement=placement.flip(1) if rank == world - 1 else placement)
+                error = None
+            except ValueError as e:
+                error = str(e)
+            torch.save(dict(error=error), Path(out_dir) / f"{name}.{rank}.pt")
+            continue
         ep = [ExpertParallelMoE(m, placement=placement) for m in layers]
         x_r = x[mine].clone().requires_grad_(True)
         w_r = w[mine].clone().requires_grad_(True)
@@ -36,6 +44,17 @@ def main(out_dir: str, seed: int, cases):
             every = [ids[sum(c["counts"][:r]):sum(c["counts"][:r + 1])] for r in range(world)]
             r = ep[0].prepare(ids[mine], w_r, global_expert_ids=every)
             out = run(ep, x_r, lambda i: r)
+        elif c["mode"] == "mismatch":
+            every = [ids[sum(c["counts"][:r]):sum(c["counts"][:r + 1])] for r in range(world)]
+            if rank == world - 1:
+                every[0] = every[0][1:]
+            try:
+                ep[0].prepare(ids[mine], w_r, global_expert_ids=every, check=True)
+                error = None
+            except ValueError as e:
+                error = str(e)
+            torch.save(dict(error=error), Path(out_dir) / f"{name}.{rank}.pt")
+            continue
         elif c["mode"] == "shared":
             r = ParallelRouting.prepare(ids[mine], w_r, placement)
             out = run(ep, x_r, lambda i: r)
