@@ -88,7 +88,10 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: Tensor, send: List[int], recv: List[int], group=None) -> Tensor:
     """Differentiable uneven all-to-all of the rows of x: send[i] rows to rank i, recv[i] from it."""
-    rank, _ = _group_info(group)
+    rank, world = _group_info(group)
+    if len(send) != world or len(recv) != world or sum(send) != x.shape[0]:
+        raise ValueError(f"all_to_all: {world} send and receive sizes needed, send summing to the {x.shape[0]} rows "
+                         f"of x; got send={list(send)}, recv={list(recv)}")
     if torch.is_grad_enabled():
         anchor = torch.empty(0, device=x.device, requires_grad=True)
         return _AllToAll.apply(x, anchor, send, recv, group, rank)

@@ -46,13 +46,15 @@ class ExpertParallelMoE(nn.Module):
                 raise ValueError("the ranks pass different placements: every rank must use the same one")
         self.local_experts: List[int] = self.placement[rank].tolist()
         src = moe.experts
-        p = src.gate_up_proj
+        # Built on the meta device (no initialisation, no draw from the global RNG), then given
+        # this rank's slices of the MoE's weights.
         self.experts = Experts(len(self.local_experts), src.hidden_size, src.intermediate_size, src.activation,
-                               device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            index = torch.tensor(self.local_experts, device=p.device)
-            self.experts.gate_up_proj.copy_(src.gate_up_proj.index_select(0, index))
-            self.experts.down_proj.copy_(src.down_proj.index_select(0, index))
+                               device="meta")
+        index = torch.tensor(self.local_experts, device=src.gate_up_proj.device)
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(src, name)
+            local = full.detach().index_select(0, index)
+            setattr(self.experts, name, nn.Parameter(local, requires_grad=full.requires_grad))
         self.router = moe.router  # replicated on every rank
 
     def prepare(self, expert_ids: Tensor, weights: Tensor, global_expert_ids: Optional[Sequence[Tensor]] = None,

@@ -27,7 +27,10 @@ def routing(T, K, E):
 @pytest.mark.parametrize("T,K,E", [(0, 2, 4), (1, 1, 1), (50, 2, 8), (33, 8, 8)])
 def test_one_rank_equals_moe(group, T, K, E):
     moe = gnn.MoE(16, 8, E, K)
+    state = torch.get_rng_state()
     ep = ExpertParallelMoE(moe)
+    assert torch.equal(torch.get_rng_state(), state), "wrapping must not draw from the global RNG"
+    assert ep.experts.down_proj.data_ptr() != moe.experts.down_proj.data_ptr()
     assert ep.local_experts == list(range(E))
     assert dict(ep.named_parameters()).keys() == dict(moe.named_parameters()).keys()
     x = torch.randn(T, 16)
@@ -97,3 +100,16 @@ def test_global_routes_must_match_this_ranks_routes(group):
     ids, w = routing(6, 2, 4)
     with pytest.raises(ValueError, match="this rank's routes"):
         ep.prepare(ids, w, global_expert_ids=[ids.flip(1)])
+
+
+def test_all_to_all_checks_its_splits(group):
+    from grouter.parallel import all_to_all
+
+    x = torch.randn(5, 3, requires_grad=True)
+    y = all_to_all(x, [5], [5])
+    y.sum().backward()
+    assert torch.equal(y, x) and torch.equal(x.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match="send and receive sizes"):
+        all_to_all(x, [4], [4])
+    with pytest.raises(ValueError, match="send and receive sizes"):
+        all_to_all(x, [5, 0], [5, 0])
