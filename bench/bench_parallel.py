@@ -109,7 +109,7 @@ def placement_table(g, corpus, seq, samples=256, worlds=(2, 4, 8)):
 
 
 def make_inputs(g, corpus, A, args, path):
-    from grouter.parallel import assign_samples, contiguous_placement, place_experts
+    from grouter.parallel import assign_samples, contiguous_placement, contiguous_sample_ranks, place_experts
 
     steps = args.warmup + args.steps
     data = corpus.train_batches(args.seed, args.batch, args.seq)
@@ -120,7 +120,7 @@ def make_inputs(g, corpus, A, args, path):
     per_world = {}
     for W in args.ranks:
         placements = {"contiguous": contiguous_placement(g.num_experts, W), "affinity": place_experts(A, W)}
-        order = torch.arange(args.batch) * W // args.batch
+        order = contiguous_sample_ranks(args.batch, W)
         assigned = torch.stack([assign_samples(ids[s], placements["affinity"]) for s in range(steps)])
         per_world[W] = dict(placements=placements, order=order, assigned=assigned)
     torch.save(dict(ids=ids, weights=w, per_world=per_world, E=g.num_experts, K=g.top_k), path)

@@ -24,7 +24,8 @@ from grouter import Grouter, affinity
 from grouter.demo.corpus import VOCAB, Corpus, load_corpus
 from grouter.demo.lm import MoELM
 from grouter.parallel import (ExpertParallelMoE, assign_samples, comm_stats, contiguous_placement,
-                              cross_rank_fraction, place_experts, reset_comm_stats)
+                              contiguous_sample_ranks, cross_rank_fraction, place_experts, reset_comm_stats,
+                              routes_by_rank)
 
 
 def parse_args(argv=None):
@@ -85,12 +86,9 @@ def main(argv=None) -> float:
         batch = next(data).to(device)  # the same global batch on every rank
         with torch.no_grad():
             ids, w = g.route(batch)  # routes of the whole global batch, known before the step
-        if args.no_assign:
-            ranks = torch.arange(args.batch) * world // args.batch
-        else:
-            ranks = assign_samples(ids.cpu(), placement)
+        ranks = contiguous_sample_ranks(args.batch, world) if args.no_assign else assign_samples(ids.cpu(), placement)
         mine = (ranks == rank).nonzero().flatten().to(device)
-        every = [ids[(ranks == r).to(device)].cpu() for r in range(world)]  # host copies: split sizes
+        every = [r.cpu() for r in routes_by_rank(ids, ranks, world)]  # host copies: split sizes
         reset_comm_stats()
         routing = model.blocks[0].moe.prepare(ids[mine], w[mine], global_expert_ids=every)  # once for all layers
         x = batch[mine]

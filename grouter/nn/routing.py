@@ -31,11 +31,7 @@ class Routing:
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
         """Flatten leading dims to tokens and build the plan (once, for every layer that uses it)."""
-        # 2-D inputs are kept as they are: plan_for recognises the very same ids tensor.
-        ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
-        w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
-        if ids.shape != w.shape:
-            raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
+        ids, w = flatten_routing(expert_ids, weights)
         return cls(ids, w, plan_for(ids, num_experts))
 
     @property
@@ -48,6 +44,16 @@ class Routing:
 
 
 RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
+
+
+def flatten_routing(expert_ids: Tensor, weights: Tensor) -> "tuple[Tensor, Tensor]":
+    """(expert_ids, weights) [..., K] -> [T, K] each; raises ValueError unless their shapes agree."""
+    # 2-D inputs are kept as they are: plan_for recognises the very same ids tensor.
+    ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
+    w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
+    if ids.shape != w.shape:
+        raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
+    return ids, w
 
 _builds = 0
 _last: Optional[tuple] = None  # (weakref to ids, ids._version, num_experts, plan)

@@ -8,11 +8,11 @@ samples that use them, on the same rank.
 
 from .dispatch import CommStats, ParallelRouting, all_to_all, comm_stats, reset_comm_stats
 from .moe import ExpertParallelMoE
-from .placement import (assign_samples, check_placement, contiguous_placement, cross_rank_fraction, pairs_per_rank,
-                        place_experts, routes_by_rank)
+from .placement import (assign_samples, check_placement, contiguous_placement, contiguous_sample_ranks,
+                        cross_rank_fraction, pairs_per_rank, place_experts, routes_by_rank)
 
 __all__ = [
     "ExpertParallelMoE", "ParallelRouting", "all_to_all", "CommStats", "comm_stats", "reset_comm_stats",
-    "place_experts", "assign_samples", "routes_by_rank", "contiguous_placement", "check_placement", "pairs_per_rank",
+    "place_experts", "assign_samples", "contiguous_sample_ranks", "routes_by_rank", "contiguous_placement", "check_placement", "pairs_per_rank",
     "cross_rank_fraction",
 ]

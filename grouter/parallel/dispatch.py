@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from .placement import PlacementLike, check_placement, contiguous_placement
+from ..nn.routing import flatten_routing
+from .placement import PlacementLike, check_placement, contiguous_placement, slots
 
 __all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all"]
 
@@ -152,12 +153,8 @@ class ParallelRouting:
         p = torch.as_tensor(placement)
         E = p.numel() if num_experts is None else num_experts
         p = check_placement(p, E, world)
-        ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
-        w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
-        if ids.shape != w.shape:
-            raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
-        slot_of = torch.empty(E, dtype=torch.long)
-        slot_of[p.flatten()] = torch.arange(E)
+        ids, w = flatten_routing(expert_ids, weights)
+        slot_of = slots(p)
         _check_ids(ids, E)
         plan = ops.routing_plan(slot_of.to(ids.device)[ids.long()].to(ids.dtype), E)
         E_loc = E // world
@@ -214,13 +211,15 @@ def _check_same_counts(counts: Tensor, device, group, check: Optional[bool]) -> 
                          "routes of the whole global batch")
 
 
-def _check_ids(ids: Tensor, E: int) -> None:
+def _check_ids(ids: Tensor, E: int, distinct: bool = True) -> None:
     if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"expert_ids must be int32 or int64 [T, K], got {ids.dtype} of shape {tuple(ids.shape)}")
     if ids.numel() and (not ids.is_cuda or ops.cuda_checks_enabled()):
         lo, hi = torch.aminmax(ids)
         if int(lo) < 0 or int(hi) >= E:
             raise IndexError(f"expert_ids holds ids in [{int(lo)}, {int(hi)}], outside [0, {E})")
+        if not distinct:
+            return
         # Checked here, in global ids: the plan sees slot ids, and its message would name slots.
         s = ids.sort(dim=1).values
         repeats = (s[:, 1:] == s[:, :-1]).any(dim=1)
@@ -244,6 +243,6 @@ def _global_counts(global_ids: Sequence[Tensor], ids: Tensor, slot_of: Tensor, r
         if r == rank and (g.shape != ids.shape or (not ids.is_cuda and not torch.equal(g.long(), ids.long()))):
             raise ValueError(f"global_expert_ids[{rank}] ({tuple(g.shape)}) differs from this rank's expert_ids "
                              f"({tuple(ids.shape)}): it must be this rank's routes")
-        _check_ids(g, E)
+        _check_ids(g, E, distinct=False)  # in range for the count; each rank checks its own fully
         rows.append(torch.bincount(slot_of[g.long()].flatten(), minlength=E))
     return torch.stack(rows)

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..router.fold import fold_groups
 
-__all__ = ["contiguous_placement", "check_placement", "place_experts", "assign_samples", "routes_by_rank",
-           "pairs_per_rank", "cross_rank_fraction"]
+__all__ = ["contiguous_placement", "check_placement", "slots", "place_experts", "assign_samples",
+           "contiguous_sample_ranks", "routes_by_rank", "pairs_per_rank", "cross_rank_fraction"]
 
 PlacementLike = Union[Tensor, Sequence[Sequence[int]]]
 
@@ -54,12 +54,16 @@ def check_placement(placement: PlacementLike, num_experts: int, world_size: int)
     return p
 
 
+def slots(placement: Tensor) -> Tensor:
+    """LongTensor [E]: each expert's slot, its position in the flattened placement (rank-major)."""
+    slot_of = torch.empty(placement.numel(), dtype=torch.long)
+    slot_of[placement.flatten()] = torch.arange(placement.numel())
+    return slot_of
+
+
 def _rank_of(placement: Tensor) -> Tensor:
     """LongTensor [E]: the rank hosting each expert."""
-    W, per = placement.shape
-    rank_of = torch.empty(W * per, dtype=torch.long)
-    rank_of[placement.flatten()] = torch.arange(W).repeat_interleave(per)
-    return rank_of
+    return slots(placement) // placement.shape[1]
 
 
 def _intra(A: Tensor, rank_of: Tensor) -> float:
@@ -155,16 +159,21 @@ def assign_samples(routes: Tensor, placement: PlacementLike, capacity: Optional[
     return out
 
 
+def contiguous_sample_ranks(num_samples: int, world_size: int) -> Tensor:
+    """LongTensor [N]: samples in data order, in equal contiguous blocks (sample i on rank i*W//N),
+    what a plain distributed sampler does."""
+    return torch.arange(num_samples) * world_size // max(num_samples, 1)
+
+
 def cross_rank_fraction(routes: Tensor, placement: PlacementLike, sample_ranks: Optional[Tensor] = None) -> float:
     """Fraction of token-expert pairs whose expert lives on another rank than their sample.
 
-    sample_ranks [N]: the rank of each sample; default: data order, contiguous equal blocks
-    (sample i on rank i * W // N), what a plain distributed sampler does.
+    sample_ranks [N]: the rank of each sample; default: contiguous_sample_ranks(N, W).
     """
     counts = pairs_per_rank(routes, placement)
     N, W = counts.shape
     if sample_ranks is None:
-        sample_ranks = torch.arange(N) * W // max(N, 1)
+        sample_ranks = contiguous_sample_ranks(N, W)
     sample_ranks = torch.as_tensor(sample_ranks, dtype=torch.long).cpu()
     if sample_ranks.shape != (N,) or (N and (int(sample_ranks.min()) < 0 or int(sample_ranks.max()) >= W)):
         raise ValueError(f"sample_ranks must be [N={N}] ranks in [0, {W})")
