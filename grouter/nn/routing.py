@@ -1,23 +1,20 @@
 """A top-k routing ready for dispatch: expert ids, gate weights and their routing plan.
 
 With fixed routing (a Grouter) every MoE layer of a model routes the same tokens the same way, so
-the plan is built once per forward pass and handed to each layer; `Routing.prepare` does that,
-and `plan_for` reuses the plan of the last ids it saw when the very same tensor comes back (the
-transformers integration relies on this: each layer receives the same ids tensor).
+the plan is built once per forward pass and handed to each layer: `Routing.prepare` does that.
+Sharing is explicit (the caller holds the Routing), never a cache keyed on tensor identity.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
-import torch
 from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Routing", "RoutingLike", "plan_for", "plan_builds"]
+__all__ = ["Routing", "RoutingLike", "flatten_routing", "as_routing"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class Routing:
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
         """Flatten leading dims to tokens and build the plan (once, for every layer that uses it)."""
         ids, w = flatten_routing(expert_ids, weights)
-        return cls(ids, w, plan_for(ids, num_experts))
+        return cls(ids, w, ops.routing_plan(ids, num_experts))
 
     @property
     def num_experts(self) -> int:
@@ -48,35 +45,11 @@ RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
 
 def flatten_routing(expert_ids: Tensor, weights: Tensor) -> "tuple[Tensor, Tensor]":
     """(expert_ids, weights) [..., K] -> [T, K] each; raises ValueError unless their shapes agree."""
-    # 2-D inputs are kept as they are: plan_for recognises the very same ids tensor.
     ids = expert_ids if expert_ids.dim() == 2 else expert_ids.reshape(-1, expert_ids.shape[-1])
     w = weights if weights.dim() == 2 else weights.reshape(-1, weights.shape[-1])
     if ids.shape != w.shape:
         raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
     return ids, w
-
-_builds = 0
-_last: Optional[tuple] = None  # (weakref to ids, ids._version, num_experts, plan)
-
-
-def plan_builds() -> int:
-    """How many routing plans `plan_for` has built in this process (tests count them)."""
-    return _builds
-
-
-def plan_for(expert_ids: Tensor, num_experts: int) -> ops.RoutingPlan:
-    """The RoutingPlan of expert_ids, reused when the same (unmodified) tensor was planned last."""
-    global _builds, _last
-    if _last is not None and not torch.compiler.is_compiling():
-        ref, version, experts, plan = _last
-        if ref() is expert_ids and version == expert_ids._version and experts == num_experts:
-            return plan
-    plan = ops.routing_plan(expert_ids, num_experts)
-    if not torch.compiler.is_compiling():
-        _builds += 1
-        _last = (weakref.ref(expert_ids), expert_ids._version, num_experts, plan)
-    return plan
-
 
 def as_routing(routing: RoutingLike, num_experts: int, num_tokens: int) -> Routing:
     """Accept a prepared Routing or an (expert_ids, weights) pair; check it fits the layer."""

@@ -2,12 +2,12 @@
 
 from .fold import affinity, coactivation_counts, expand, fold, fold_groups
 from .metrics import batch_max_vio, expert_load, load_cv, max_vio, routing_consistency, routing_entropy
-from .model import Grouter
+from .model import Grouter, GrouterCache
 from .predispatch import PredispatchReader, predispatch
 from .train import distill, kl_to_source, sequence_balance_loss, tune
 
 __all__ = [
-    "Grouter", "distill", "kl_to_source", "tune", "sequence_balance_loss", "affinity", "coactivation_counts",
+    "Grouter", "GrouterCache", "distill", "kl_to_source", "tune", "sequence_balance_loss", "affinity", "coactivation_counts",
     "fold_groups", "fold", "expand", "predispatch", "PredispatchReader", "max_vio", "batch_max_vio", "load_cv",
     "expert_load", "routing_consistency", "routing_entropy",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Grouter", "Attention", "FORMAT_VERSION"]
+__all__ = ["Grouter", "GrouterCache", "Attention", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
@@ -33,6 +33,13 @@ def _rotary(seq_len: int, dim: int, base: float, device, dtype) -> Tuple[Tensor,
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotary_at(positions: Tensor, dim: int, base: float, dtype) -> Tuple[Tensor, Tensor]:
+    """cos, sin [B, S, 1, dim/2] at explicit positions [B, S] (the same products as `_rotary`)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
 
 
 def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -52,13 +59,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                past: Optional[list] = None) -> Tensor:
+        """x [B, S, D]. Without `positions` the rows are whole unpadded sequences (the fast path);
+        otherwise positions [B, S], attn_mask [B, S, P+S] (True = may attend) and `past`, a
+        [keys, values] pair of this layer's cache (P earlier positions), extended in place."""
         B, S, D = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        cos, sin = _rotary(S, D // self.n_heads, self.rope_base, x.device, q.dtype)
-        q, k = _apply_rotary(q, cos[:, None], sin[:, None]), _apply_rotary(k, cos[:, None], sin[:, None])
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=self.causal)
+        if positions is None:
+            cos, sin = _rotary(S, D // self.n_heads, self.rope_base, x.device, q.dtype)
+            cos, sin = cos[:, None], sin[:, None]
+        else:
+            cos, sin = _rotary_at(positions, D // self.n_heads, self.rope_base, q.dtype)
+        q, k, v = _apply_rotary(q, cos, sin).transpose(1, 2), _apply_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        if past is not None:
+            if past[0] is not None:
+                k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
+            past[0], past[1] = k, v
+        if attn_mask is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None])
         return self.out(attn.transpose(1, 2).reshape(B, S, D))
 
 
@@ -70,10 +91,61 @@ class _Block(nn.Module):
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(x)
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                past: Optional[list] = None) -> Tensor:
+        x = x + self.attn(x, positions, attn_mask, past)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+
+class GrouterCache:
+    """The Grouter's own key/value cache, for routing a sequence token by token (cached generation).
+
+    Holds per block the keys and values of the P positions routed so far, which of them are real
+    tokens (`key_mask`, [B, P]) and how many real tokens each row has seen (`seen`, [B]), so that
+    each new token is routed from its whole prefix with O(1) Grouter work per token. The methods
+    below mirror transformers' cache operations, so the routes follow beam search and the like.
+    """
+
+    def __init__(self):
+        self.layers: Optional[list] = None  # [[keys, values] [B, heads, P, d]] per block
+        self.key_mask: Optional[Tensor] = None
+        self.seen: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_mask is None else self.key_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.key_mask is None else self.key_mask.shape[0]
+
+    def reset(self) -> None:
+        self.layers = self.key_mask = self.seen = None
+
+    def _map_rows(self, fn) -> None:
+        if self.key_mask is None:
+            return
+        self.layers = [[fn(k), fn(v)] for k, v in self.layers]
+        self.key_mask, self.seen = fn(self.key_mask), fn(self.seen)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (beam search's reorder, or a batch selection)."""
+        self._map_rows(lambda t: t.index_select(0, index.to(t.device)))
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (a negative length drops that many from the end)."""
+        if self.key_mask is None:
+            return
+        length = length if length >= 0 else max(self.length + length, 0)
+        if length >= self.length:
+            return
+        self.layers = [[k[:, :, :length], v[:, :, :length]] for k, v in self.layers]
+        self.key_mask = self.key_mask[:, :length]
+        self.seen = self.key_mask.sum(1)
 
 
 class Grouter(nn.Module):
@@ -117,15 +189,74 @@ class Grouter(nn.Module):
             return config[name]
         return super().__getattr__(name)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                cache: Optional["GrouterCache"] = None) -> Tensor:
+        """Expert logits [B, S, E] of token ids [B, S] (or [S] -> [S, E]).
+
+        attention_mask [B, S] (or [B, P+S] with a cache of P positions, as transformers passes it):
+        0 marks padding. A padded row's real tokens get exactly the logits of the unpadded sequence:
+        padding is never attended and not counted in positions. A pad position itself is routed
+        as its own token alone at position 0, so its route never depends on the rest of the row.
+        cache: a `GrouterCache`; the call routes the next S tokens of each row from their whole
+        prefix and appends them to the cache (a causal Grouter only).
+        """
         if input_ids.dim() == 1:
-            return self.forward(input_ids[None])[0]
+            mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+            return self.forward(input_ids[None], mask, cache)[0]
+        if input_ids.dim() != 2:
+            raise ValueError(f"Grouter reads token ids [B, S] or [S], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
             raise ValueError(f"Grouter reads token ids (an integer tensor), got {input_ids.dtype}")
         x = self.embed(input_ids.long())
-        for block in self.blocks:
-            x = block(x)
+        if attention_mask is None and cache is None:  # whole unpadded sequences: the fast path
+            for block in self.blocks:
+                x = block(x)
+            return self.proj(self.norm(x))
+        positions, allowed, keys, seen = self._masks(input_ids, attention_mask, cache)
+        pasts = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, past in zip(self.blocks, pasts):
+            x = block(x, positions, allowed, past)
+        if cache is not None:
+            cache.key_mask, cache.seen = keys, seen
         return self.proj(self.norm(x))
+
+    def _masks(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional["GrouterCache"]):
+        """Positions [B, S], attention mask [B, S, P+S], the cache's next key mask and token counts."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        P = 0
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a bidirectional Grouter (causal=False) cannot route incrementally: its routes "
+                                 "of earlier tokens change with every new token; route whole sequences instead")
+            P = cache.length
+            if P and cache.batch_size != B:
+                raise ValueError(f"the Grouter cache holds {cache.batch_size} rows, the input has {B}")
+            if not P:
+                cache.layers = [[None, None] for _ in self.blocks]
+        if attention_mask is None:
+            new = torch.ones(B, S, dtype=torch.bool, device=device)
+            keys = new if not P else torch.cat((cache.key_mask, new), 1)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, P + S):
+                raise ValueError(f"attention_mask must be [B, S] or [B, P+S] = [{B}, {S}] or [{B}, {P + S}] "
+                                 f"(P = {P} cached positions), got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(device) != 0
+            if mask.shape[1] == P + S:
+                keys, new = mask, mask[:, P:]
+            else:
+                new = mask
+                keys = new if not P else torch.cat((cache.key_mask, new), 1)
+        seen = cache.seen if P else torch.zeros(B, dtype=torch.long, device=device)
+        positions = (seen[:, None] + new.cumsum(1) - 1).masked_fill(~new, 0)
+        query = torch.arange(P, P + S, device=device)[:, None]
+        key = torch.arange(P + S, device=device)[None, :]
+        allowed = keys[:, None, :]
+        if self.causal:
+            allowed = allowed & (key <= query)
+        # A pad query attends only to itself: its route is its token's alone, at position 0.
+        allowed = torch.where(new[:, :, None], allowed, key == query)
+        return positions, allowed, keys, seen + new.sum(1)
 
     def scores(self, logits: Tensor) -> Tensor:
         return logits.float().softmax(-1) if self.score == "softmax" else logits.float().sigmoid()
@@ -138,9 +269,13 @@ class Grouter(nn.Module):
         return ids, w * self.scaling
 
     @torch.no_grad()
-    def route(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        """(expert ids [..., K] int64, weights [..., K] float32) for token ids [..., S]."""
-        return self.route_logits(self(input_ids))
+    def route(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, cache: Optional["GrouterCache"] = None,
+              return_logits: bool = False):
+        """(expert ids [..., K] int64, weights [..., K] float32) for token ids [..., S]; with
+        `return_logits`, also the logits [..., E]. `attention_mask` and `cache` as in `forward`."""
+        logits = self(input_ids, attention_mask, cache)
+        ids, w = self.route_logits(logits)
+        return (ids, w, logits) if return_logits else (ids, w)
 
     # --- artifacts -----------------------------------------------------------------------------
 

@@ -8,49 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import grouter.hf  # noqa: E402  (registers "grouter")
-from grouter import nn as gnn  # noqa: E402
 
-VOCAB = 101
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2)
-MODELS = {
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=8, moe_intermediate_size=24)),
-}
-
-
-def tiny(name, implementation="eager"):
-    config_cls, model_cls, extra = MODELS[name]
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
-    model = getattr(transformers, model_cls)(config).float()
-    with torch.no_grad():  # some models zero-init their gates; make routing non-trivial
-        for _, block, attr in grouter.hf.moe_blocks(model):
-            getattr(block, attr).weight.normal_(std=0.5)
-    model.set_experts_implementation(implementation)
-    return model
-
-
-class TableRouter:
-    """A stand-in for a Grouter: a fixed route per token id (what a distilled Grouter computes)."""
-
-    def __init__(self, vocab_size, num_experts, top_k, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.vocab_size, self.num_experts, self.top_k = vocab_size, num_experts, top_k
-        self.ids = torch.rand(vocab_size, num_experts, generator=g).topk(top_k, dim=1).indices
-        self.weights = torch.rand(vocab_size, top_k, generator=g).softmax(-1)
-        self.calls = 0
-
-    def route(self, input_ids):
-        self.calls += 1
-        return self.ids[input_ids], self.weights[input_ids]
-
-
-def grads(model):
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+from hf_models import MODELS, VOCAB, TableRouter, count_plans, grads, tiny  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -89,17 +48,17 @@ def test_from_pretrained_with_grouter_experts(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_attach_routes_every_layer_and_ignores_the_gates(name):
-    model = tiny(name, "grouter")
+def test_attach_routes_every_layer_and_ignores_the_gates(name, monkeypatch):
+    model = tiny(name)
     router = TableRouter(VOCAB, 8, 2)
     grouter.hf.attach(model, router)
     seen = []
     hooks = [block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
              for _, block, _ in grouter.hf.moe_blocks(model)]
     ids = torch.randint(3, VOCAB, (2, 13))
-    before = gnn.plan_builds()
+    plans = count_plans(monkeypatch)
     out = model(ids).logits
-    assert gnn.plan_builds() - before == 1  # one plan for all layers
+    assert len(plans) == 1  # one plan for all layers
     assert router.calls == 1  # routed once per forward
     expected = router.ids[ids].reshape(-1, 2)
     assert len(seen) == model.config.num_hidden_layers
@@ -112,7 +71,9 @@ def test_attach_routes_every_layer_and_ignores_the_gates(name):
     assert all(getattr(b, a).weight.grad is None for _, b, a in grouter.hf.moe_blocks(model))
     for h in hooks:
         h.remove()
+    assert model.config._experts_implementation == "grouter"  # attach switched it
     grouter.hf.detach(model)
+    assert model.config._experts_implementation == "eager"  # detach restored it
     assert not torch.allclose(model(ids).logits, out)  # the (perturbed) learned gates route again
 
 

@@ -1,0 +1,212 @@
+"""The expert MLP over expert-major rows, as one traceable op: ``grouter::expert_mlp``.
+
+Expert e owns rows ``offsets[e]:offsets[e+1]`` (what `grouter.ops.permute` produced), so each
+projection is one matmul per non-empty expert slice: no per-expert `index_select`, no masks.
+Forward saves only the input rows and the [N, 2I] gate/up projection; the [N, I] activation is
+recomputed in backward. Registered with torch.library (fake kernel, autograd), so a model that
+uses it compiles with ``torch.compile(fullgraph=True)``: the data-dependent slicing stays inside
+the op. A gate given as an arbitrary callable takes the same computation through an autograd
+Function instead (eager only), as do host-side offsets (expert parallelism).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["expert_mlp", "glu", "ACTIVATIONS"]
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+    """act(gate) * up for h = [gate | up] (SwiGLU for silu), the transformers v5 convention."""
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
+
+
+def _slices(expert_offsets: Union[Tensor, Sequence[int]]) -> Slices:
+    # One device-to-host copy per call (none for host offsets), not one per expert.
+    bounds = expert_offsets.tolist() if isinstance(expert_offsets, Tensor) else list(expert_offsets)
+    return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, slices: Slices) -> Tensor:
+    """out[rows of e] = x[rows of e] @ weight[e].T for weight [E, out, in]."""
+    out = x.new_empty(x.shape[0], weight.shape[1])  # the slices of a RoutingPlan cover every row
+    for e, start, end in slices:
+        torch.mm(x[start:end], weight[e].t(), out=out[start:end])
+    return out
+
+
+def _per_expert_grad(weight: Tensor, slices: Slices, grad: Tensor, inp: Tensor) -> Tensor:
+    """grad_weight[e] = grad[rows of e].T @ inp[rows of e]; zero for experts without rows."""
+    out = torch.empty_like(weight)
+    if len(slices) < weight.shape[0]:
+        out.zero_()
+    for e, s, t in slices:
+        torch.mm(grad[s:t].t(), inp[s:t], out=out[e])
+    return out
+
+
+_ACTIVATION_BACKWARD = {
+    "silu": lambda g, x: torch.ops.aten.silu_backward(g, x),
+    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
+    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0),
+}
+
+
+def _glu_backward(activation: str, h: Tensor, grad_a: Tensor) -> Tuple[Tensor, Tensor]:
+    """(a, grad_h) of a = act(gate) * up, written straight into the halves of grad_h (no cat).
+    Explicit derivatives: the registered op's backward runs below autograd."""
+    gate, up = h.chunk(2, dim=-1)
+    act_gate = ACTIVATIONS[activation](gate)
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    grad_gate.copy_(_ACTIVATION_BACKWARD[activation](grad_a * up, gate))
+    torch.mul(grad_a, act_gate, out=grad_up)
+    return act_gate.mul_(up), grad_h
+
+
+def _gate_backward(gate_fn, h: Tensor, grad_a: Tensor) -> Tuple[Tensor, Tensor]:
+    """(a, grad_h) for any differentiable gate, by recomputing it under autograd."""
+    with torch.enable_grad():
+        h_ = h.detach().requires_grad_(True)
+        a = gate_fn(h_)
+    (grad_h,) = torch.autograd.grad(a, h_, grad_a)
+    return a.detach(), grad_h
+
+
+def _mlp_forward(rows: Tensor, slices: Slices, gate_up_proj: Tensor, down_proj: Tensor, gate) -> Tuple[Tensor, Tensor]:
+    """(out [N, H], h = gate_up(rows) [N, 2I]); gate: an activation name or a callable of h."""
+    h = _grouped_linear(rows, gate_up_proj, slices)
+    if isinstance(gate, str):  # act(gate) * up without a temporary
+        g, up = h.chunk(2, dim=-1)
+        a = ACTIVATIONS[gate](g).mul_(up)
+    else:
+        a = gate(h)
+    return _grouped_linear(a, down_proj, slices), h
+
+
+def _mlp_backward(grad_out: Tensor, rows: Tensor, h: Tensor, slices: Slices, gate_up_proj: Tensor, down_proj: Tensor,
+                  gate, needs: Sequence[bool]):
+    """(grad_rows, grad_gate_up, grad_down), None where `needs` says it is not wanted."""
+    need_rows, need_gate_up, need_down = needs
+    grad_out = grad_out.contiguous()
+    grad_a = h.new_empty(h.shape[0], down_proj.shape[2])
+    for e, s, t in slices:
+        torch.mm(grad_out[s:t], down_proj[e], out=grad_a[s:t])
+    a, grad_h = _glu_backward(gate, h, grad_a) if isinstance(gate, str) else _gate_backward(gate, h, grad_a)
+    grad_down = _per_expert_grad(down_proj, slices, grad_out, a) if need_down else None
+    grad_gate_up = _per_expert_grad(gate_up_proj, slices, grad_h, rows) if need_gate_up else None
+    grad_rows = None
+    if need_rows:
+        grad_rows = rows.new_empty(rows.shape)
+        for e, s, t in slices:
+            torch.mm(grad_h[s:t], gate_up_proj[e], out=grad_rows[s:t])
+    return grad_rows, grad_gate_up, grad_down
+
+
+# --- the registered op (activations by name) ----------------------------------------------------
+
+@torch.library.custom_op("grouter::expert_mlp", mutates_args=())
+def _expert_mlp_op(rows: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                   activation: str) -> Tuple[Tensor, Tensor]:
+    return _mlp_forward(rows, _slices(expert_offsets), gate_up_proj, down_proj, activation)
+
+
+@_expert_mlp_op.register_fake
+def _(rows, expert_offsets, gate_up_proj, down_proj, activation):
+    return rows.new_empty(rows.shape[0], down_proj.shape[1]), rows.new_empty(rows.shape[0], gate_up_proj.shape[1])
+
+
+@torch.library.custom_op("grouter::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(grad_out: Tensor, rows: Tensor, h: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor,
+                            down_proj: Tensor, activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _mlp_backward(grad_out, rows, h, _slices(expert_offsets), gate_up_proj, down_proj, activation,
+                         (True, True, True))
+
+
+@_expert_mlp_backward_op.register_fake
+def _(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation):
+    return torch.empty_like(rows), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+
+
+def _setup_context(ctx, inputs, output):
+    rows, expert_offsets, gate_up_proj, down_proj, activation = inputs
+    ctx.save_for_backward(rows, output[1], expert_offsets, gate_up_proj, down_proj)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad_out, _grad_h):
+    rows, h, expert_offsets, gate_up_proj, down_proj = ctx.saved_tensors
+    grad_rows, grad_gate_up, grad_down = _expert_mlp_backward_op(grad_out, rows, h, expert_offsets, gate_up_proj,
+                                                                 down_proj, ctx.activation)
+    return grad_rows, None, grad_gate_up, grad_down, None
+
+
+_expert_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- any gate callable, host offsets ------------------------------------------------------------
+
+class _ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, gate_up_proj, down_proj, slices, gate):
+        out, h = _mlp_forward(rows, slices, gate_up_proj, down_proj, gate)
+        ctx.save_for_backward(rows, h, gate_up_proj, down_proj)
+        ctx.slices, ctx.gate = slices, gate
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, h, gate_up_proj, down_proj = ctx.saved_tensors
+        grads = _mlp_backward(grad_out, rows, h, ctx.slices, gate_up_proj, down_proj, ctx.gate,
+                              ctx.needs_input_grad[:3])
+        return (*grads, None, None)
+
+
+def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
+    """torch's grouped_mm: on CUDA (sm80+) in bf16, where it beats a loop of mm."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_up_proj: Tensor, down_proj: Tensor,
+               gate: Union[str, Callable[[Tensor], Tensor]] = "silu") -> Tensor:
+    """Expert MLP of expert-major rows [N, H] (expert e owns rows expert_offsets[e]:[e+1]) -> [N, H].
+
+    gate: an activation name of ACTIVATIONS (the registered, compilable op; "silu" = SwiGLU), or
+    any callable of h = [gate | up] [N, 2I] -> [N, I]. expert_offsets: a tensor [E+1], or a host
+    sequence (no device-to-host copy). Empty inputs stay in the autograd graph (zero weight
+    gradients): expert parallelism relies on every rank running the same backward.
+    """
+    if gate is glu:
+        gate = "silu"
+    if isinstance(gate, str) and gate not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {gate!r}")
+    if _grouped_mm_ok(rows, gate_up_proj) and rows.shape[0] > 0:
+        offs = torch.as_tensor(expert_offsets, device=rows.device)[1:].to(torch.int32)
+        h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
+        a = glu(h, ACTIVATIONS[gate]) if isinstance(gate, str) else gate(h)
+        return F.grouped_mm(a, down_proj.transpose(-2, -1), offs=offs)
+    if isinstance(gate, str) and isinstance(expert_offsets, Tensor):
+        return _expert_mlp_op(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]
+    return _ExpertMLP.apply(rows, gate_up_proj, down_proj, _slices(expert_offsets), gate)
