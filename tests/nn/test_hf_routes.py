@@ -125,7 +125,7 @@ def test_attached_model_compiles_fullgraph_and_matches_eager():
 def test_gradient_checkpointing_recomputes_with_the_same_routes():
     model, _, _ = pair(use_cache=False)
     ref = copy.deepcopy(model)
-    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(3, VOCAB, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
