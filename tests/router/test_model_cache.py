@@ -8,14 +8,14 @@ from grouter import GrouterCache
 
 
 def pad_rows(rows, side):
-    """Rows of different lengths -> (ids [B, S], mask [B, S]) padded on `side` ("left"/"right")."""
+    """Rows of different lengths -> (ids [B, S], mask [B, S], each row's slice of real tokens)."""
     S = max(len(r) for r in rows)
     ids = torch.full((len(rows), S), 7, dtype=torch.long)  # a real token id as padding: it must not matter
     mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(S - len(r), S) if side == "left" else slice(0, len(r))
+    where = [slice(S - len(r), S) if side == "left" else slice(0, len(r)) for r in rows]
+    for i, (r, sl) in enumerate(zip(rows, where)):
         ids[i, sl], mask[i, sl] = r, 1
-    return ids, mask, [sl for sl in (slice(S - len(r), S) if side == "left" else slice(0, len(r)) for r in rows)]
+    return ids, mask, where
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
