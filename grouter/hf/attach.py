@@ -5,11 +5,14 @@ from `set_routes` if routes were given, else ``g.route(input_ids, attention_mask
 builds one routing plan; every MoE block's gate then returns those routes (and the plan is
 reused by the ``"grouter"`` experts implementation). Routes belong to that one forward: a block
 called outside it has none and raises. Activation-checkpoint recomputation, which reruns blocks
-during the backward pass, reuses the routes of the last forward.
+during a backward pass, takes the routes of the forward that backward belongs to.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import types
 import warnings
 from dataclasses import dataclass
@@ -65,6 +68,7 @@ class Attachment:
         self.pending: Optional[tuple] = None  # (ids, weights) from set_routes, for the next forward
         self.active: List[_Routes] = []  # routes of the forwards in progress (innermost last)
         self.last: Optional[_Routes] = None  # routes of the last finished forward
+        self.replay: Optional[_Routes] = None  # routes of the forward whose backward runs now
         self.handles: list = []
         self.previous_implementation: Optional[str] = None
 
@@ -134,7 +138,14 @@ class Attachment:
     def end(self, _module, args, kwargs, output) -> None:
         routes = self.active.pop() if self.active else None
         self.last = routes
-        if routes is None or routes.routing_cache is None or output is None:
+        if routes is None or output is None:
+            return
+        hidden = getattr(output, "last_hidden_state", None)
+        if isinstance(hidden, Tensor) and hidden.requires_grad and not torch.compiler.is_compiling():
+            # The backward of this forward starts at its output: from then on, blocks that activation
+            # checkpointing recomputes take this forward's routes, whatever ran since.
+            hidden.register_hook(functools.partial(_replay, self, routes))
+        if routes.routing_cache is None:
             return
         cache = getattr(output, "cache", None)
         if cache is None:
@@ -147,8 +158,8 @@ class Attachment:
     def routes(self) -> Optional[_Routes]:
         if self.active:
             return self.active[-1]
-        if self.last is not None and torch._C._current_graph_task_id() != -1:
-            return self.last  # activation checkpointing recomputes blocks during backward
+        if torch._C._current_graph_task_id() != -1:  # activation checkpointing recomputes blocks in backward
+            return self.replay or self.last
         return None
 
     def plan_for(self, expert_ids: Tensor) -> Optional[ops.RoutingPlan]:
@@ -172,6 +183,10 @@ class Attachment:
             logits = torch.full((tokens, self.num_experts), -1e4, dtype=torch.float32, device=routes.ids.device)
             logits = logits.scatter(1, routes.ids, routes.weights.float().clamp_min(1e-30).log()).to(hidden_states.dtype)
         return logits, weights, routes.ids
+
+
+def _replay(att: Attachment, routes: _Routes, grad: Tensor) -> None:
+    att.replay = routes
 
 
 def _gate_forward(gate: nn.Module, hidden_states: Tensor, *args, **kwargs):
@@ -219,6 +234,8 @@ def attach(model: nn.Module, grouter_model: Any) -> nn.Module:
     att.handles.append(base.register_forward_pre_hook(att.begin, with_kwargs=True))
     att.handles.append(base.register_forward_hook(att.end, with_kwargs=True, always_call=True))
     for _, block, attr in blocks:
+        _check_gate_call(block, attr)
+    for _, block, attr in blocks:
         gate = getattr(block, attr)
         gate._grouter_original_forward = gate.forward
         gate._grouter_attachment = block.experts._grouter_attachment = att
@@ -232,6 +249,24 @@ def attach(model: nn.Module, grouter_model: Any) -> nn.Module:
         model.save_pretrained = types.MethodType(save_pretrained, model)
     model._grouter_attachment = att
     return model
+
+
+_GATE_CALL = re.compile(r"^\s*([\w\s,]+?)\s*=\s*self\.(\w+)\(", re.M)
+
+
+def _check_gate_call(block: nn.Module, attr: str) -> None:
+    """Raise unless the block unpacks its gate as (logits, weights, ids), what an attached gate returns."""
+    try:
+        source = inspect.getsource(type(block).forward)
+    except (OSError, TypeError):
+        return  # no source to read (compiled, generated): trust the common convention
+    for lhs, name in _GATE_CALL.findall(source):
+        if name != attr:
+            continue
+        names = [n.strip() for n in lhs.split(",")]
+        if len(names) != 3 or not (names[0] == "_" or "logit" in names[0]):
+            raise ValueError(f"grouter.hf.attach: {type(block).__name__} unpacks its {attr} as ({', '.join(names)}); "
+                             "grouter attaches to MoE blocks whose gate returns (logits, weights, ids)")
 
 
 def _check_grouter(model: nn.Module, blocks: list, g: Any, E: int) -> None:

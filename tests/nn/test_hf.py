@@ -105,3 +105,23 @@ def test_attach_errors():
     grouter.hf.detach(model)
     grouter.hf.detach(model)  # idempotent
     model(inputs_embeds=torch.randn(1, 4, 32))
+
+
+def test_attach_refuses_gates_it_cannot_stand_in_for():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 8, 4))
+            self.num_experts = 4
+
+    class Block(torch.nn.Module):  # unpacks its router as (scores, logits), like Llama 4
+        def __init__(self):
+            super().__init__()
+            self.experts, self.router = Experts(), torch.nn.Linear(4, 4)
+
+        def forward(self, h):
+            router_scores, router_logits = self.router(h)
+            return h
+
+    with pytest.raises(ValueError, match=r"unpacks its router as \(router_scores, router_logits\)"):
+        grouter.hf.attach(torch.nn.Sequential(Block()), TableRouter(VOCAB, 4, 2))

@@ -190,3 +190,20 @@ def test_load_errors(tmp_path):
     grouter.hf.save_pretrained(outside, tmp_path / "routes_only")
     loaded = grouter.hf.from_pretrained(tmp_path / "routes_only")
     assert grouter.hf.attachment_of(loaded).grouter is None
+
+
+def test_checkpointed_backwards_take_their_own_forwards_routes():
+    # Two forwards, then their backwards in reverse order: each recompute must use its own routes.
+    model, _, _ = pair(use_cache=False)
+    ref = copy.deepcopy(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    x1, x2 = torch.randint(3, VOCAB, (2, 12)), torch.randint(3, VOCAB, (2, 12))
+    l1, l2 = model(input_ids=x1, labels=x1).loss, model(input_ids=x2, labels=x2).loss
+    (2 * l2).backward()
+    l1.backward()
+    (2 * ref(input_ids=x2, labels=x2).loss).backward()
+    ref(input_ids=x1, labels=x1).loss.backward()
+    ga, gb = grads(model), grads(ref)
+    for n in gb:
+        torch.testing.assert_close(ga[n], gb[n], msg=n)
