@@ -22,32 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..nn.blocks import moe_blocks
 from ..nn.routing import flatten_routing
 from ..router.model import Grouter, GrouterCache
 from .cache import install, routing_cache
 
 __all__ = ["attach", "detach", "set_routes", "moe_blocks", "attachment_of"]
-
-_GATE_NAMES = ("gate", "router")
-
-
-def moe_blocks(model: nn.Module) -> list:
-    """(name, block, gate attribute) of every MoE block: a module with routed `experts` and a gate."""
-    from ..nn.moe import MoE
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):  # grouter's own layer takes its routing as an argument
-            continue
-        experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.Module) or not hasattr(experts, "gate_up_proj"):
-            continue
-        for attr in _GATE_NAMES:
-            if isinstance(getattr(module, attr, None), nn.Module):
-                found.append((name, module, attr))
-                break
-    return found
-
 
 @dataclass
 class _Routes:

@@ -4,10 +4,12 @@ from .fold import affinity, coactivation_counts, expand, fold, fold_groups
 from .metrics import batch_max_vio, expert_load, load_cv, max_vio, routing_consistency, routing_entropy
 from .model import Grouter, GrouterCache
 from .predispatch import PredispatchReader, predispatch
-from .train import distill, kl_to_source, sequence_balance_loss, tune
+from .train import batch_balance_loss, distill, heldout_metrics, kl_to_source, sequence_balance_loss, tune
+from .teacher import TeacherLogits, teacher_logits
 
 __all__ = [
-    "Grouter", "GrouterCache", "distill", "kl_to_source", "tune", "sequence_balance_loss", "affinity", "coactivation_counts",
+    "Grouter", "GrouterCache", "distill", "kl_to_source", "heldout_metrics", "TeacherLogits", "teacher_logits", "tune",
+    "sequence_balance_loss", "batch_balance_loss", "affinity", "coactivation_counts",
     "fold_groups", "fold", "expand", "predispatch", "PredispatchReader", "max_vio", "batch_max_vio", "load_cv",
     "expert_load", "routing_consistency", "routing_entropy",
 ]

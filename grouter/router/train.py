@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from .metrics import max_vio
 from .model import Grouter
+from .teacher import TeacherLogits, teacher_logits
 
-__all__ = ["distill", "tune", "router_logit_capture", "sequence_balance_loss", "kl_to_source"]
+__all__ = ["distill", "tune", "router_logit_capture", "sequence_balance_loss", "batch_balance_loss", "kl_to_source",
+           "heldout_metrics"]
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -41,7 +43,7 @@ class router_logit_capture:
     """Context manager: records the router logits [tokens, E] of MoE layer `layer` of `source`."""
 
     def __init__(self, source: nn.Module, layer: int = 0):
-        from ..hf import moe_blocks
+        from ..nn.blocks import moe_blocks
         from ..nn.moe import MoE
 
         self.logits: Optional[Tensor] = None
@@ -59,10 +61,15 @@ class router_logit_capture:
             raise ValueError(f"distill: layer={layer}, but the source has {len(candidates)} MoE layers")
         self._module = candidates[layer]
         self._handle = None
+        self.stop = False  # set by teacher.run_to_router: end the forward right after this router
 
     def __enter__(self):
+        from .teacher import _Captured
+
         def hook(module, args, out):
             self.logits = self._read(module, out).detach()
+            if self.stop:
+                raise _Captured
 
         self._handle = self._module.register_forward_hook(hook)
         return self
@@ -77,67 +84,132 @@ def _kl(source_logits: Tensor, logits: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
-@torch.no_grad()
-def kl_to_source(g: Grouter, source: nn.Module, batches: Iterable[Tensor], layer: int = 0) -> float:
-    """Mean KL(source router || Grouter) over batches."""
-    device = next(g.parameters()).device
-    total, n = 0.0, 0
-    with router_logit_capture(source, layer) as cap:
-        for b in batches:
-            source(b.to(next(source.parameters()).device))
-            total += float(_kl(cap.logits.to(device), g(b.to(device)).reshape(-1, g.num_experts)))
-            n += 1
-    return total / max(n, 1)
+def _as_samples(batches, name: str = "batches") -> Tensor:
+    """A list of [B, S] token batches (or one [N, S] tensor) -> [N, S] int64."""
+    if isinstance(batches, Tensor):
+        batches = [batches]
+    batches = list(batches) if batches is not None else []
+    if not batches:
+        raise ValueError(f"{name} is empty")
+    for b in batches:
+        if not isinstance(b, Tensor) or b.dim() != 2:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"{name}: each batch must be a [B, S] tensor of token ids, got {shape} "
+                             "(cut a 1-D token stream into samples first)")
+        if b.dtype.is_floating_point or b.dtype == torch.bool:
+            raise ValueError(f"{name}: token ids must be integers, got {b.dtype}")
+    if len({b.shape[1] for b in batches}) != 1:
+        raise ValueError(f"{name}: batches must share one sequence length, got {sorted({b.shape[1] for b in batches})}")
+    return torch.cat([b.long().cpu() for b in batches])
 
 
-def distill(g: Grouter, source: nn.Module, batches: Iterable[Tensor], layer: int = 0, steps: int = 300,
-            lr: float = 2e-3, weight_decay: float = 0.01, warmup: float = 0.05, progress: bool = True) -> List[float]:
-    """Train g to reproduce the router of `source` at MoE layer `layer`; returns the loss per step."""
+def _check_vocab(g: Grouter, tokens: Tensor, name: str) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= g.vocab_size):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        raise ValueError(f"{name}: token id {bad} is outside the Grouter's vocabulary [0, {g.vocab_size})")
+
+
+def _teacher(source, batches, layer: int, progress: bool) -> TeacherLogits:
+    if isinstance(source, TeacherLogits):
+        return source
     if not isinstance(source, nn.Module):
-        raise TypeError("source must be a torch module (a transformers or grouter MoE model)")
+        raise TypeError("source must be a torch module (a transformers or grouter MoE model) or TeacherLogits")
+    return teacher_logits(source, _as_samples(batches), layer, progress=progress)
+
+
+@torch.no_grad()
+def heldout_metrics(g: Grouter, teacher: TeacherLogits, batch_size: int = 16) -> Dict[str, float]:
+    """On `teacher`'s tokens (held out from training): mean KL(source router || Grouter) per token and
+    top-k agreement, the fraction of the source's top-k experts (k = g.top_k) the Grouter also picks."""
     device = next(g.parameters()).device
-    src_device = next(source.parameters()).device
-    was_training = source.training
-    source.eval()
+    kl, agree, tokens = 0.0, 0.0, 0
+    was_training = g.training
+    g.eval()
+    for x, target in teacher.batches(batch_size):
+        _check_vocab(g, x, "held-out tokens")
+        logits = g(x.to(device)).reshape(-1, g.num_experts).float()
+        target = target.reshape(-1, teacher.num_experts).to(device)
+        n = target.shape[0]
+        kl += float(_kl(target, logits)) * n
+        mine = logits.topk(g.top_k, -1).indices
+        theirs = target.topk(g.top_k, -1).indices
+        agree += float((mine[:, :, None] == theirs[:, None, :]).any(-1).float().mean(-1).sum())
+        tokens += n
+    g.train(was_training)
+    return dict(kl=kl / tokens, topk_agreement=agree / tokens, tokens=tokens)
+
+
+def kl_to_source(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, layer: int = 0) -> float:
+    """Mean KL(source router || Grouter) per token; source: a module (run on batches) or TeacherLogits."""
+    return heldout_metrics(g, _teacher(source, batches, layer, progress=False))["kl"]
+
+
+def distill(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, layer: int = 0, steps: int = 300,
+            lr: float = 2e-3, weight_decay: float = 0.01, warmup: float = 0.05, batch_size: Optional[int] = None,
+            progress: bool = True) -> List[float]:
+    """Train g to reproduce the router of `source` at MoE layer `layer`; returns the loss per step.
+
+    source: a module, run once over `batches` (its router logits are kept, then every epoch reads
+    them), or precomputed TeacherLogits (then `batches` is not needed). batch_size: samples per
+    step (default: the first batch's size, or 8)."""
+    teacher = _teacher(source, batches, layer, progress)
+    if teacher.num_experts != g.num_experts:
+        raise ValueError(f"distill: the source router has {teacher.num_experts} experts, the Grouter "
+                         f"{g.num_experts}; the Grouter needs the source's number of experts")
+    _check_vocab(g, teacher.token_ids(), "distillation tokens")
+    if batch_size is None:
+        first = next(iter(batches), None) if batches is not None and not isinstance(batches, Tensor) else batches
+        batch_size = first.shape[0] if isinstance(first, Tensor) and first.dim() == 2 else 8
+    device = next(g.parameters()).device
     g.train()
     opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(1, int(warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history: List[float] = []
-    data = _cycle(batches)
-    with router_logit_capture(source, layer) as cap:
-        for _ in _progress(range(steps), steps, "distill", progress):
-            batch = next(data)
-            with torch.no_grad():
-                source(batch.to(src_device))
-            target = cap.logits.to(device)
-            logits = g(batch.to(device)).reshape(-1, g.num_experts)
-            if target.shape != logits.shape:
-                raise ValueError(f"distill: source logits {tuple(target.shape)} vs Grouter {tuple(logits.shape)}; "
-                                 "the Grouter needs the source's number of experts")
-            loss = _kl(target, logits)
+    starts = list(range(0, teacher.count, batch_size))
+    try:
+        for step in _progress(range(steps), steps, "distill", progress):
+            tokens, target = teacher.batch(starts[step % len(starts)], batch_size)
+            logits = g(tokens.to(device)).reshape(-1, g.num_experts)
+            loss = _kl(target.reshape(-1, g.num_experts).to(device), logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
             opt.step()
             sched.step()
             history.append(loss.detach().item())
-    source.train(was_training)
-    g.eval()
+    finally:
+        g.eval()
     return history
 
 
-def sequence_balance_loss(logits: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+def _gate_probs(logits: Tensor, score: str) -> Tensor:
+    """Per-token expert probabilities under the Grouter's score function (sigmoid scores normalised)."""
+    if score == "sigmoid":
+        p = logits.float().sigmoid()
+        return p / p.sum(-1, keepdim=True)
+    return logits.float().softmax(-1)
+
+
+def sequence_balance_loss(logits: Tensor, expert_ids: Tensor, num_experts: int, score: str = "softmax") -> Tensor:
     """Sequence-level GShard loss: mean over sequences of sum_i f_i * P_i, with
     f_i = E / (K * S) * (slots of the sequence routed to i) and P_i the sequence's mean probability
-    of i. 1 when every sequence is balanced."""
+    of i (under `score`). 1 when every sequence is balanced."""
     B, S, K = expert_ids.shape
-    probs = logits.float().softmax(-1)  # [B, S, E]
+    probs = _gate_probs(logits, score)  # [B, S, E]
     counts = torch.zeros(B, num_experts, device=logits.device).scatter_add_(
         1, expert_ids.reshape(B, -1), torch.ones(B, S * K, device=logits.device))
     f = counts * num_experts / (K * S)
     return (f * probs.mean(1)).sum(-1).mean()
+
+
+def batch_balance_loss(logits: Tensor, expert_ids: Tensor, num_experts: int, score: str = "softmax") -> Tensor:
+    """Switch/GShard load-balancing loss over the whole batch: E * sum_i f_i * P_i (1 when balanced)."""
+    K = expert_ids.shape[-1]
+    probs = _gate_probs(logits, score).reshape(-1, num_experts)
+    f = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).float() / (probs.shape[0] * K)
+    return num_experts * (f * probs.mean(0)).sum()
 
 
 def _routes(g: Grouter, batches: List[Tensor]) -> Tensor:
@@ -151,48 +223,88 @@ def _ensure_bias(g: Grouter) -> None:
         g.config["bias"] = True
 
 
-def tune(g: Grouter, batches: Iterable[Tensor], method: str = "aux", steps: int = 200, lr: float = 1e-2,
-         bias_rate: float = 0.02, progress: bool = True) -> Dict[str, object]:
-    """Balance g's load on new data by training only its final projection.
+def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int = 200, lr: Optional[float] = None,
+         bias_rate: float = 0.02, heldout: Optional[Iterable[Tensor]] = None, eval_every: int = 10,
+         progress: bool = True) -> Dict[str, object]:
+    """Balance g's load on new data by changing only its final projection; returns a report.
 
-    Returns {"max_vio_before", "max_vio_after", "history"} (MaxVio over all the batches' routes;
-    history: the balance loss per step for "aux", the MaxVio per step for "bias")."""
+    method "bias" (default): the projection's bias moves by sign updates towards equal load (no
+    gradient; adds a bias if g has none). "aux": weight and bias trained by the batch-level
+    load-balancing loss alone, under g's score function (AdamW with cosine decay as in the paper;
+    lr 1e-2 by default, for short runs). MaxVio is measured on `heldout` (default: the tuning batches) every `eval_every`
+    steps; the best state seen is kept, so the result is never less balanced than the start.
+    Returns {"max_vio_before", "max_vio_after", "best_step" (0 = the start), "history", "evaluated_on"}.
+    """
     if method not in ("aux", "bias"):
         raise ValueError(f"method must be 'aux' or 'bias', got {method!r}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty")
+    train = list(_as_samples(batches).split(_batch_size(batches)))
+    check = list(_as_samples(heldout, "heldout").split(_batch_size(heldout))) if heldout is not None else train
+    for b in train + check:
+        _check_vocab(g, b, "tuning tokens")
     device = next(g.parameters()).device
-    before = max_vio(_routes(g, batches), g.num_experts)
-    for p in g.parameters():
-        p.requires_grad_(False)
-    history: List[float] = []
-    data = _cycle(batches)
+    had_bias = g.proj.bias is not None
     if method == "bias":
         _ensure_bias(g)
-        for _ in _progress(range(steps), steps, "tune (bias)", progress):
-            ids, _ = g.route(next(data).to(device))
-            load = torch.bincount(ids.reshape(-1), minlength=g.num_experts).float()
-            with torch.no_grad():
-                g.proj.bias.add_(bias_rate * torch.sign(load.mean() - load).to(g.proj.bias))
-            history.append(max_vio(ids, g.num_experts))
-    else:
-        params = [g.proj.weight] + ([g.proj.bias] if g.proj.bias is not None else [])
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        g.train()
-        for _ in _progress(range(steps), steps, "tune (aux)", progress):
+    requires = {p: p.requires_grad for p in g.parameters()}
+
+    def measure() -> float:
+        return max_vio(_routes(g, check), g.num_experts)
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in g.proj.state_dict().items()}
+
+    before = best_vio = measure()
+    best_state, best_step = snapshot(), 0
+    history: List[float] = []
+    data = _cycle(train)
+    params = [g.proj.weight] + ([g.proj.bias] if g.proj.bias is not None else [])
+    try:
+        for p in g.parameters():
+            p.requires_grad_(False)
+        if method == "aux":
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=lr or 1e-2, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+            g.train()
+        for step in _progress(range(1, steps + 1), steps, f"tune ({method})", progress):
             batch = next(data).to(device)
-            logits = g(batch if batch.dim() == 2 else batch[None])
-            ids = logits.detach().topk(g.top_k, dim=-1).indices
-            loss = sequence_balance_loss(logits, ids, g.num_experts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append(loss.detach().item())
+            if method == "bias":
+                ids, _ = g.route(batch)
+                load = torch.bincount(ids.reshape(-1), minlength=g.num_experts).float()
+                with torch.no_grad():
+                    g.proj.bias.add_((lr or bias_rate) * torch.sign(load.mean() - load).to(g.proj.bias))
+                history.append(max_vio(ids, g.num_experts))
+            else:
+                logits = g(batch)
+                ids = logits.detach().topk(g.top_k, dim=-1).indices
+                loss = batch_balance_loss(logits, ids, g.num_experts, g.score)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                history.append(loss.detach().item())
+            if step % eval_every == 0 or step == steps:
+                g.eval()
+                vio = measure()
+                if vio < best_vio:
+                    best_vio, best_state, best_step = vio, snapshot(), step
+                if method == "aux":
+                    g.train()
+    finally:
         g.eval()
-    for p in g.parameters():
-        p.requires_grad_(True)
-    after = max_vio(_routes(g, batches), g.num_experts)
-    return {"max_vio_before": before, "max_vio_after": after, "history": history}
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    g.proj.load_state_dict(best_state)
+    if best_step == 0 and method == "bias" and not had_bias:
+        g.proj.bias = None  # nothing improved: leave g exactly as it came
+        g.config["bias"] = False
+    return {"max_vio_before": before, "max_vio_after": best_vio, "best_step": best_step, "history": history,
+            "evaluated_on": "heldout" if heldout is not None else "tuning batches"}
+
+
+def _batch_size(batches) -> int:
+    if isinstance(batches, Tensor):
+        return batches.shape[0] if batches.dim() == 2 else 1
+    first = next(iter(batches), None) if batches is not None else None
+    return first.shape[0] if isinstance(first, Tensor) and first.dim() == 2 else 8

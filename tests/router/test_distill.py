@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import grouter
+import grouter.hf
 from conftest import VOCAB, small_grouter, token_batches
 from grouter import nn as gnn
 

@@ -51,3 +51,28 @@ def test_expand_keeps_the_split_experts_mass():
     p_old = g(x).softmax(-1)
     p_new = grown(x).softmax(-1)
     torch.testing.assert_close(p_new[..., :4].sum(-1) + p_new[..., 4], p_old.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["aux", "bias"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_tune_is_never_worse_on_heldout_and_restores_requires_grad(method, score):
+    g = small_grouter(8, 2, score=score)
+    g.embed.weight.requires_grad_(False)  # a user's frozen embedding stays frozen
+    train, held = token_batches(6), token_batches(3, seed=9)
+    before = grouter.router.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
+    result = grouter.router.tune(g, train, method=method, steps=30, heldout=held, eval_every=5, progress=False)
+    after = grouter.router.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
+    assert result["max_vio_before"] == pytest.approx(before)
+    assert result["max_vio_after"] == pytest.approx(after) and after <= before
+    assert result["evaluated_on"] == "heldout"
+    assert not g.embed.weight.requires_grad and g.proj.weight.requires_grad
+
+
+def test_tune_on_a_balanced_grouter_changes_nothing_it_cannot_improve():
+    g = small_grouter(8, 2)
+    batches = token_batches(4)
+    state = {k: v.clone() for k, v in g.state_dict().items()}
+    result = grouter.tune(g, batches, steps=5, lr=1e-9, progress=False)  # steps too small to help
+    if result["best_step"] == 0:
+        assert g.state_dict().keys() == state.keys()
+        assert all(torch.equal(g.state_dict()[k], v) for k, v in state.items())
