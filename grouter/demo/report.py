@@ -184,8 +184,9 @@ def write_report(out: Path, cfg: Dict, runs: Dict[str, List[Dict]], source: Dict
         "Validation loss in nats per byte (mean over seeds; ± half the seed range). Data utilisation: tokens the "
         "best baseline needs to reach the run's final loss ÷ tokens the run needs.", "",
         *[f"- {line}" for line in _verdict(summary, util)], "",
-        f"Distillation: KL to the source router {g.get('kl_before', float('nan')):.3f} -> "
-        f"{g.get('kl_after', float('nan')):.3f}; tuning MaxVio {g.get('max_vio_folded', float('nan')):.2f} -> "
+        f"Distillation (held-out validation windows): KL to the source router {g.get('kl_before', float('nan')):.3f} -> "
+        f"{g.get('kl_after', float('nan')):.3f}, top-k agreement with the source's experts "
+        f"{g.get('topk_agreement', float('nan')):.3f}; tuning, held-out MaxVio {g.get('max_vio_folded', float('nan')):.2f} -> "
         f"{g.get('max_vio_tuned', float('nan')):.2f} (paper: ~8 -> ~0.5).", "",
         "## The paper's claims", "",
         f"- Same validation loss with {paper['same_loss_with_fraction_of_data']:.1%} of the data "

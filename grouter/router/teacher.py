@@ -125,6 +125,7 @@ def teacher_logits(source: nn.Module, samples: Tensor, layer: int = 0, path: Uni
 
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be a non-empty [count, S] tensor of token ids, got {tuple(samples.shape)}")
+    samples = samples.cpu()
     count, S = samples.shape
     device = next(source.parameters()).device
     was_training = source.training
