@@ -8,11 +8,12 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import nn, ops
 from .ops import RoutingPlan
-from .router import (Grouter, GrouterCache, PredispatchReader, affinity, distill, expand, fold, fold_groups, predispatch,
-                     routing_consistency, tune)
+from .router import (Grouter, GrouterCache, PredispatchReader, TeacherLogits, affinity, distill, expand, fold,
+                     fold_groups, heldout_metrics, predispatch, routing_consistency, teacher_logits, tune)
 
 __version__ = "0.1.0"
 __all__ = [
     "nn", "ops", "RoutingPlan", "Grouter", "GrouterCache", "distill", "affinity", "fold_groups", "fold", "expand", "tune",
-    "predispatch", "PredispatchReader", "routing_consistency", "__version__",
+    "predispatch", "PredispatchReader", "routing_consistency", "teacher_logits", "TeacherLogits", "heldout_metrics",
+    "__version__",
 ]

@@ -76,3 +76,31 @@ def test_the_source_stops_after_the_distilled_router(tmp_path):
         run_to_router(part, cap, torch.randint(0, VOCAB, (1, 5)))
     assert ran == []  # the distilled layer's experts never ran
     assert grouter.router.TeacherLogits  # exported
+
+
+FAMILIES = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, intermediate_size=16)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, intermediate_size=16)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=8, intermediate_size=16,
+                                                                   moe_intermediate_size=16,
+                                                                   shared_expert_intermediate_size=24)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_partial_source_of_other_families(tmp_path, family):
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+                                               num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                                               **extra)
+    torch.manual_seed(0)
+    full = getattr(transformers, model_cls)(config).eval()
+    full.save_pretrained(tmp_path, max_shard_size="100KB")
+    part, info = load_source(tmp_path, 1)
+    assert info["decoder_layers_kept"] == 2 and info["num_experts"] == 8
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with router_logit_capture(full, 1) as cap:
+        full(ids)
+        want = cap.logits
+    with router_logit_capture(part, 1) as cap:
+        assert torch.equal(run_to_router(part, cap, ids), want)
