@@ -115,8 +115,7 @@ def default_grouter_size(hidden_size: Optional[int]) -> Tuple[int, int, int]:
 
 def cmd_distill(args) -> None:
     from .hf.source import load_source
-    from .router import Grouter, distill, heldout_metrics
-    from .router.teacher import teacher_logits
+    from .router import Grouter, distill, heldout_metrics, teacher_logits
 
     device, dtype = args.device, DTYPES[args.source_dtype] if args.source_dtype else None
     t0 = time.perf_counter()
@@ -151,13 +150,13 @@ def cmd_distill(args) -> None:
 
 def cmd_fold(args) -> None:
     from .router import affinity, fold, fold_groups, max_vio
-    from .router.train import _routes
 
     g = _load_grouter(args.grouter, args.device)
     train, held = _split(args, _samples(args, g.vocab_size))
     groups = fold_groups(affinity(g, _batches(train, args.batch_size)), args.experts, strategy=args.strategy)
     folded = fold(g, groups, top_k=args.top_k)
-    vio = max_vio(_routes(folded, _batches(held, args.batch_size)), folded.num_experts)
+    vio = max_vio(torch.cat([folded.route(b.to(args.device))[0].reshape(-1, folded.top_k).cpu()
+                             for b in _batches(held, args.batch_size)]), folded.num_experts)
     folded.save(args.out)
     _report(Path(args.out), "fold", dict(samples=int(held.shape[0]), max_vio=vio), groups=groups.tolist(),
             strategy=args.strategy, affinity_samples=int(train.shape[0]))

@@ -18,7 +18,7 @@ from . import _C  # loads the library that registers torch.ops.grouter.*
 
 __all__ = [
     "RoutingPlan", "routing_plan", "permute", "unpermute", "coactivation",
-    "set_cpu_output_cache_limit", "cpu_output_cache_bytes", "empty_cpu_output_cache",
+    "set_cpu_output_cache_limit", "cpu_output_cache_limit", "cpu_output_cache_bytes", "empty_cpu_output_cache",
     "set_cuda_checks", "cuda_checks_enabled", "has_cuda_kernels",
 ]
 
@@ -70,13 +70,30 @@ class RoutingPlan(NamedTuple):
         return self.expert_offsets.diff()
 
 
-def _num_experts(num_experts) -> int:
+# The largest expert counts the ops accept: the plan's offsets take 8 (E + 1) bytes and
+# coactivation's output 8 E^2 bytes; anything larger is a mistake, not a model (128 MiB / 8 GiB).
+MAX_EXPERTS = 1 << 24
+MAX_COACTIVATION_EXPERTS = 1 << 15
+
+
+def _num_experts(num_experts, limit: int = MAX_EXPERTS, op: str = "routing_plan") -> int:
     try:
         if isinstance(num_experts, bool):
             raise TypeError
-        return operator.index(num_experts)
+        n = operator.index(num_experts)
     except TypeError:
-        raise ValueError(f"num_experts must be an int, got {num_experts!r}") from None
+        raise ValueError(f"grouter.{op}: num_experts must be an int, got {num_experts!r}") from None
+    if not 1 <= n <= limit:
+        raise ValueError(f"grouter.{op}: num_experts must be in [1, {limit}], got {n}")
+    return n
+
+
+def _tensor(op: str, name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"grouter.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"grouter.{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    return t
 
 
 def _row_of(plan) -> Tensor:
@@ -91,12 +108,13 @@ def routing_plan(expert_ids: Tensor, num_experts: int) -> RoutingPlan:
 
     Rows are grouped by expert and, inside an expert, in ascending (t, k) order: deterministic.
     """
+    expert_ids = _tensor("routing_plan", "expert_ids", expert_ids)
     return RoutingPlan(*_ops.routing_plan(expert_ids, _num_experts(num_experts)))
 
 
 def permute(x: Tensor, plan: RoutingPlan) -> Tensor:
     """``out[plan.row_of[t, k]] = x[t]``: [T, H] -> [T*K, H], rows grouped by expert."""
-    return _ops.permute(x, _row_of(plan))
+    return _ops.permute(_tensor("permute", "x", x), _row_of(plan))
 
 
 def unpermute(y: Tensor, plan: RoutingPlan, weights: Optional[Tensor] = None) -> Tensor:
@@ -105,12 +123,15 @@ def unpermute(y: Tensor, plan: RoutingPlan, weights: Optional[Tensor] = None) ->
     Summed in k order in fp32 (fp64 when y or weights are fp64); ``weights=None`` means 1.
     Bitwise reproducible, gradients included.
     """
-    return _ops.unpermute(y, _row_of(plan), weights)
+    if weights is not None:
+        weights = _tensor("unpermute", "weights", weights)
+    return _ops.unpermute(_tensor("unpermute", "y", y), _row_of(plan), weights)
 
 
 def coactivation(expert_ids: Tensor, num_experts: int) -> Tensor:
     """int64 [E, E]: ``C[i, j]`` tokens routed to both i and j, ``C[i, i]`` tokens routed to i."""
-    return _ops.coactivation(expert_ids, _num_experts(num_experts))
+    expert_ids = _tensor("coactivation", "expert_ids", expert_ids)
+    return _ops.coactivation(expert_ids, _num_experts(num_experts, MAX_COACTIVATION_EXPERTS, "coactivation"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +152,13 @@ def _check_ids(op: str, ids: Tensor, num_experts: int) -> None:
     _check(ids.dim() == 2, f"grouter.{op}: expert_ids must be 2-D [T, K], got shape {tuple(ids.shape)}")
     _check(ids.dtype in (torch.int32, torch.int64), f"grouter.{op}: expert_ids must be int32 or int64, got {ids.dtype}")
     _check(ids.shape[1] <= num_experts, f"grouter.{op}: top-k K={ids.shape[1]} exceeds num_experts={num_experts}")
+
+
+def _check_devices(op: str, *tensors) -> None:
+    # The dispatcher runs these fake kernels when any input is on the meta device; mixed with real
+    # tensors that would return an uninitialised real tensor instead of an error.
+    devices = {t.device for t in tensors if t is not None}
+    _check(len(devices) <= 1, f"grouter.{op}: inputs are on different devices: {sorted(map(str, devices))}")
 
 
 def _check_rows(op: str, t: Tensor, name: str, row_of: Tensor, rows) -> None:
@@ -160,12 +188,14 @@ def _routing_plan_fake(expert_ids, num_experts):
 
 @torch.library.register_fake("grouter::permute")
 def _permute_fake(x, row_of):
+    _check_devices("permute", x, row_of)
     _check_rows("permute", x, "x", row_of, row_of.shape[0])
     return x.new_empty(row_of.shape[0] * row_of.shape[1], x.shape[1])
 
 
 @torch.library.register_fake("grouter::unpermute")
 def _unpermute_fake(y, row_of, weights):
+    _check_devices("unpermute", y, row_of, weights)
     _check_rows("unpermute", y, "y", row_of, row_of.shape[0] * row_of.shape[1])
     _check_weights("unpermute", weights, row_of)
     return y.new_empty(row_of.shape[0], y.shape[1])
@@ -173,6 +203,7 @@ def _unpermute_fake(y, row_of, weights):
 
 @torch.library.register_fake("grouter::unpermute_backward")
 def _unpermute_backward_fake(grad_out, row_of, weights, y):
+    _check_devices("unpermute_backward", grad_out, row_of, weights, y)
     _check_rows("unpermute_backward", grad_out, "grad_out", row_of, row_of.shape[0])
     _check_weights("unpermute_backward", weights, row_of)
     grad_y = grad_out.new_empty(row_of.shape[0] * row_of.shape[1], grad_out.shape[1])
@@ -218,3 +249,13 @@ def _unpermute_backward(ctx, grad):
 
 torch.library.register_autograd("grouter::permute", _permute_backward, setup_context=_permute_setup)
 torch.library.register_autograd("grouter::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("grouter.unpermute: second derivatives are not implemented (differentiating its "
+                       "backward, e.g. a gradient penalty through a MoE layer, is not supported)")
+
+
+# Without a formula autograd would treat unpermute_backward as constant: silently zero second derivatives.
+torch.library.register_autograd("grouter::unpermute_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -42,9 +42,9 @@ def load_corpus(path: Optional[str] = None) -> Tuple[bytes, str]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
         if not files:
-            raise SystemExit(f"grouter demo: {p} holds no files")
+            raise ValueError(f"{p} holds no files")
         return b"\n".join(f.read_bytes() for f in files), f"{p} ({len(files)} files)"
-    raise SystemExit(f"grouter demo: no such corpus: {p}")
+    raise ValueError(f"no such corpus: {p}")
 
 
 class Corpus:
@@ -54,7 +54,7 @@ class Corpus:
         arr = np.frombuffer(data, dtype=np.uint8)
         n_blocks = len(arr) // BLOCK
         if n_blocks < 2 * val_every:
-            raise SystemExit(f"grouter demo: the corpus has {len(arr)} bytes; it needs at least {2 * val_every * BLOCK}")
+            raise ValueError(f"the corpus has {len(arr)} bytes; it needs at least {2 * val_every * BLOCK}")
         blocks = arr[: n_blocks * BLOCK].reshape(n_blocks, BLOCK)
         is_val = np.arange(n_blocks) % val_every == val_every - 1
         self.train = torch.from_numpy(blocks[~is_val].reshape(-1).astype(np.int64))

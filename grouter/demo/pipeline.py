@@ -32,6 +32,8 @@ ROUTERS = {"learned_aux": "softmax", "learned_bias": "sigmoid"}
 
 @dataclass
 class Config:
+    """The demo's sizes, token budgets and seeds (presets: default, quick, fine)."""
+
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -96,7 +98,7 @@ def train_lm(cfg: Config, corpus: Corpus, name: str, seed: int, tokens: int, num
              router: Optional[str] = None, route=None, device: str = "cpu", progress: bool = True) -> Dict:
     """Train one MoE LM; returns its curve, throughput, routing balance (and the model)."""
     from ..nn import Routing
-    from .lm import MoELM, evaluate, routing_summary
+    from .lm import AUX_LOSS_COEF, MoELM, evaluate, routing_summary
 
     model = MoELM(cfg.d_model, cfg.n_layers, cfg.n_heads, num_experts, cfg.top_k, cfg.d_expert, seed, router).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -115,7 +117,7 @@ def train_lm(cfg: Config, corpus: Corpus, name: str, seed: int, tokens: int, num
         logits = model(x, routing)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
         if router == "softmax":
-            loss = loss + 0.01 * model.aux_loss()
+            loss = loss + AUX_LOSS_COEF * model.aux_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,6 +138,8 @@ def train_lm(cfg: Config, corpus: Corpus, name: str, seed: int, tokens: int, num
 
 
 class Pipeline:
+    """The demo's stages (source, Grouters, target runs, leak audit, report), each checkpointed in `out`."""
+
     def __init__(self, out: Path, cfg: Config, corpus_path: Optional[str], device: str, resume: bool,
                  jobs: int, progress: bool = True):
         self.out, self.cfg, self.device, self.resume, self.jobs, self.progress = out, cfg, device, resume, jobs, progress
@@ -318,12 +322,12 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
 
     t_start = time.perf_counter()
     if preset not in PRESETS:
-        raise SystemExit(f"grouter demo: unknown preset {preset!r} (have {', '.join(PRESETS)})")
+        raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
     cfg = PRESETS["quick" if quick else preset]
     if seeds is not None:
         cfg = replace(cfg, seeds=max(1, seeds))
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("grouter demo: --device cuda, but torch sees no GPU")
+        raise ValueError("--device cuda, but torch sees no GPU")
     jobs = jobs if jobs is not None else (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 and not quick else 1)
     out_path = Path(out)
     _log(f"writing to {out_path}; preset {'quick' if quick else preset}, {cfg.seeds} seeds, device {device}")

@@ -59,9 +59,13 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     return ops.unpermute(rows, plan, top_k_weights)
 
 
-def register() -> None:
-    """Register ``"grouter"`` in transformers' experts interface (idempotent)."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+def register() -> bool:
+    """Register ``"grouter"`` in transformers' experts interface (idempotent); False without transformers."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
 
     if ALL_EXPERTS_FUNCTIONS.get("grouter") is not experts_forward:
         ALL_EXPERTS_FUNCTIONS.register("grouter", experts_forward)
+    return True

@@ -2,12 +2,14 @@
 
 from .expert_mlp_op import ACTIVATIONS, expert_mlp, glu
 from .experts import Experts
-from .moe import MoE, prepare_routing
-from .routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, max_violation, router_z_loss
+from .moe import MoE
+from .balance import expert_load, load_cv, max_vio
+from .routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss
 from .blocks import moe_blocks
 from .routing import Routing
 
 __all__ = [
-    "MoE", "Experts", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing", "prepare_routing",
-    "SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_violation",
+    "MoE", "Experts", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing",
+    "SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_vio", "load_cv",
+    "expert_load",
 ]

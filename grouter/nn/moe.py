@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import ops
 from .experts import Experts
 from .routers import SigmoidTopKRouter, SoftmaxTopKRouter
-from .routing import Routing, RoutingLike, as_routing
+from .routing import RoutingLike, as_routing
 
 __all__ = ["MoE"]
 
@@ -25,6 +25,13 @@ _ROUTERS = {"softmax": SoftmaxTopKRouter, "sigmoid": SigmoidTopKRouter}
 
 
 class MoE(nn.Module):
+    """A mixture-of-experts layer on grouter's dispatch ops: permute -> expert MLPs -> weighted unpermute.
+
+    Routing is learned (`router="softmax"`, `"sigmoid"` or a module) or fixed: `forward(x,
+    routing=(expert_ids, weights))` or a prepared `Routing` shared by every layer. Experts are
+    stored as transformers v5 stores them (`experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`).
+    """
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  router: Union[None, str, nn.Module] = None, activation: str = "silu", device=None, dtype=None):
         super().__init__()
@@ -63,8 +70,3 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
-
-
-def prepare_routing(expert_ids: Tensor, weights: Tensor, num_experts: int) -> Routing:
-    """Build the routing plan once for a whole model's fixed routing (alias of Routing.prepare)."""
-    return Routing.prepare(expert_ids, weights, num_experts)

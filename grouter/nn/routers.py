@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..router.metrics import max_vio as max_violation  # noqa: F401  (re-exported: one MaxVio)
 
-__all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_violation"]
+__all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss"]
 
 
 def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -39,6 +38,12 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 class SoftmaxTopKRouter(nn.Module):
+    """A learned top-k router: softmax over expert logits, the top k (renormalised by default).
+
+    forward(tokens [T, H]) -> (expert_ids [T, K], weights [T, K]); keeps `logits`, the Switch/GShard
+    `aux_loss` and the ST-MoE `z_loss` of that call for the training loss.
+    """
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool = True,
                  device=None, dtype=None):
         super().__init__()
@@ -69,6 +74,12 @@ class SoftmaxTopKRouter(nn.Module):
 
 
 class SigmoidTopKRouter(nn.Module):
+    """DeepSeek-V3's aux-loss-free router: sigmoid scores, top k chosen with a per-expert bias.
+
+    The bias (a buffer) moves towards equal load by `bias_update_rate` per training forward, not by
+    gradient; weights are the chosen experts' unbiased scores, normalised, times `scaling`.
+    """
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, bias_update_rate: float = 1e-3,
                  scaling: float = 1.0, device=None, dtype=None):
         super().__init__()

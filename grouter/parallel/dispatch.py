@@ -28,7 +28,7 @@ from .. import ops
 from ..nn.routing import flatten_routing
 from .placement import PlacementLike, check_placement, contiguous_placement, slots
 
-__all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all"]
+__all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all", "group_info"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ def reset_comm_stats() -> None:
     _stats = CommStats()
 
 
-def _group_info(group) -> tuple:
+def group_info(group) -> tuple:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("grouter.parallel needs torch.distributed initialised (dist.init_process_group)")
     return dist.get_rank(group), dist.get_world_size(group)
@@ -89,7 +89,7 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: Tensor, send: List[int], recv: List[int], group=None) -> Tensor:
     """Differentiable uneven all-to-all of the rows of x: send[i] rows to rank i, recv[i] from it."""
-    rank, world = _group_info(group)
+    rank, world = group_info(group)
     if len(send) != world or len(recv) != world or sum(send) != x.shape[0]:
         raise ValueError(f"all_to_all: {world} send and receive sizes needed, send summing to the {x.shape[0]} rows "
                          f"of x; got send={list(send)}, recv={list(recv)}")
@@ -145,7 +145,7 @@ class ParallelRouting:
         all-reduce, that every rank derived the same counts and raises ValueError otherwise;
         the default (None) checks the first such routing of the process only, True every one.
         """
-        rank, world = _group_info(group)
+        rank, world = group_info(group)
         if placement is None:
             if num_experts is None:
                 raise ValueError("pass a placement or num_experts (for the contiguous placement)")

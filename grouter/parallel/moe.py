@@ -20,7 +20,7 @@ from .. import ops
 from ..nn.experts import Experts
 from ..nn.moe import MoE
 from ..nn.routing import Routing
-from .dispatch import ParallelRouting, _group_info, all_to_all, same_on_all_ranks
+from .dispatch import ParallelRouting, group_info, all_to_all, same_on_all_ranks
 from .placement import PlacementLike, check_placement, contiguous_placement
 
 __all__ = ["ExpertParallelMoE"]
@@ -29,9 +29,15 @@ ParallelRoutingLike = Union[ParallelRouting, Routing, Tuple[Tensor, Tensor]]
 
 
 class ExpertParallelMoE(nn.Module):
+    """The experts of a `grouter.nn.MoE` spread over the ranks of a process group (expert parallelism).
+
+    Each rank keeps the experts its placement gives it (`local_experts`); tokens travel to their
+    experts' ranks and back with all-to-alls, planned once per step by a `ParallelRouting`.
+    """
+
     def __init__(self, moe: MoE, group=None, placement: Optional[PlacementLike] = None):
         super().__init__()
-        rank, world = _group_info(group)
+        rank, world = group_info(group)
         E = moe.num_experts
         self.group, self.rank, self.world_size = group, rank, world
         self.hidden_size, self.num_experts, self.top_k = moe.hidden_size, E, moe.top_k

@@ -7,26 +7,9 @@ from typing import Iterable, List
 import torch
 from torch import Tensor
 
+from ..nn.balance import expert_load, load_cv, max_vio
+
 __all__ = ["expert_load", "max_vio", "load_cv", "routing_entropy", "routing_consistency", "batch_max_vio"]
-
-
-def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
-    """float [E]: routed slots per expert."""
-    return torch.bincount(expert_ids.reshape(-1).long().cpu(), minlength=num_experts).double()
-
-
-def max_vio(expert_ids: Tensor, num_experts: int) -> float:
-    """(max load - mean load) / mean load: 0 when perfectly balanced."""
-    load = expert_load(expert_ids, num_experts)
-    mean = load.mean()
-    return float((load.max() - mean) / mean) if mean > 0 else 0.0
-
-
-def load_cv(expert_ids: Tensor, num_experts: int) -> float:
-    """Coefficient of variation (std / mean) of the expert load."""
-    load = expert_load(expert_ids, num_experts)
-    mean = load.mean()
-    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
 def batch_max_vio(g, batches: Iterable[Tensor]) -> List[float]:

@@ -47,7 +47,7 @@ def predispatch(g, tokens, path: Union[str, Path], seq_len: Optional[int] = None
     E, K = g.num_experts, g.top_k
     if E > 32767:
         raise ValueError(f"pre-dispatch stores expert ids as int16; {E} experts do not fit")
-    id_dtype = np.uint8 if E <= 256 else np.int16
+    id_dtype = np.dtype(np.uint8) if E <= 256 else np.dtype("<i2")  # little-endian, as the header says
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     device = next(g.parameters()).device
@@ -88,7 +88,7 @@ class PredispatchReader:
         if h.get("format") != "grouter-predispatch" or h.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a grouter pre-dispatch folder of format {FORMAT_VERSION}")
         count, S, K = h["count"], h["seq_len"], h["top_k"]
-        id_dtype = np.dtype(h["ids_dtype"])
+        id_dtype = np.dtype(h["ids_dtype"]).newbyteorder("<")
         expect = {"tokens.bin": count * S * 4, "ids.bin": count * S * K * id_dtype.itemsize,
                   "weights.bin": count * S * K * 2}
         for name, size in expect.items():
@@ -105,15 +105,18 @@ class PredispatchReader:
         self.tokens = np.memmap(path / "tokens.bin", dtype="<i4", mode="r", shape=(count, S))
         self.ids = np.memmap(path / "ids.bin", dtype=id_dtype, mode="r", shape=(count, S, K))
         self.weights = np.memmap(path / "weights.bin", dtype="<u2", mode="r", shape=(count, S, K))
-        if int(self.ids.max(initial=0)) >= h["num_experts"]:
-            raise ValueError(f"{path / 'ids.bin'} holds expert ids >= num_experts={h['num_experts']}")
 
     def __len__(self) -> int:
         return self.header["count"]
 
     def __getitem__(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Sample i; its expert ids are range-checked here (opening the folder reads no ids)."""
         tokens = torch.from_numpy(np.array(self.tokens[i], dtype=np.int64))
         ids = torch.from_numpy(np.array(self.ids[i], dtype=np.int64))
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.header["num_experts"]):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"{self.path / 'ids.bin'}: sample {i} holds expert id {bad}, outside "
+                             f"[0, {self.header['num_experts']})")
         weights = torch.from_numpy(np.array(self.weights[i]).view(np.int16)).view(torch.bfloat16)
         return tokens, ids, weights
 

@@ -121,7 +121,7 @@ def teacher_logits(source: nn.Module, samples: Tensor, layer: int = 0, path: Uni
     path None: in memory. Otherwise a folder, resumed when it holds a pass over the same samples
     (fingerprint) from the same source (`source_id`), refused when it holds another's.
     """
-    from .train import router_logit_capture
+    from .train import RouterLogitCapture
 
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be a non-empty [count, S] tensor of token ids, got {tuple(samples.shape)}")
@@ -131,7 +131,7 @@ def teacher_logits(source: nn.Module, samples: Tensor, layer: int = 0, path: Uni
     was_training = source.training
     source.eval()
     try:
-        with router_logit_capture(source, layer) as cap:
+        with RouterLogitCapture(source, layer) as cap:
             E = run_to_router(source, cap, samples[:1].to(device)).shape[-1]
             header = dict(format="grouter-teacher", format_version=FORMAT_VERSION, count=count, seq_len=S,
                           num_experts=E, layer=layer, data_sha256=fingerprint_tokens(samples), source=source_id, done=0)

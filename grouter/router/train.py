@@ -20,7 +20,7 @@ from .metrics import max_vio
 from .model import Grouter
 from .teacher import TeacherLogits, teacher_logits
 
-__all__ = ["distill", "tune", "router_logit_capture", "sequence_balance_loss", "batch_balance_loss", "kl_to_source",
+__all__ = ["distill", "tune", "RouterLogitCapture", "sequence_balance_loss", "batch_balance_loss", "kl_to_source",
            "heldout_metrics"]
 
 
@@ -39,7 +39,7 @@ def _cycle(batches: Iterable[Tensor]):
     return itertools.cycle(batches)
 
 
-class router_logit_capture:
+class RouterLogitCapture:
     """Context manager: records the router logits [tokens, E] of MoE layer `layer` of `source`."""
 
     def __init__(self, source: nn.Module, layer: int = 0):
@@ -157,9 +157,7 @@ def distill(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, laye
         raise ValueError(f"distill: the source router has {teacher.num_experts} experts, the Grouter "
                          f"{g.num_experts}; the Grouter needs the source's number of experts")
     _check_vocab(g, teacher.token_ids(), "distillation tokens")
-    if batch_size is None:
-        first = next(iter(batches), None) if batches is not None and not isinstance(batches, Tensor) else batches
-        batch_size = first.shape[0] if isinstance(first, Tensor) and first.dim() == 2 else 8
+    batch_size = batch_size or _batch_size(batches)
     device = next(g.parameters()).device
     g.train()
     opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=weight_decay)

@@ -96,8 +96,8 @@ def test_load_balancing_loss_is_one_when_balanced():
     ids = torch.arange(8).remainder(E).view(8, 1)
     probs = torch.full((8, E), 1 / E)
     torch.testing.assert_close(gnn.load_balancing_loss(probs, ids, E), torch.tensor(1.0))
-    assert gnn.max_violation(ids, E) == 0.0
-    assert gnn.max_violation(torch.zeros(8, 1, dtype=torch.long), E) == 3.0
+    assert gnn.max_vio(ids, E) == 0.0
+    assert gnn.max_vio(torch.zeros(8, 1, dtype=torch.long), E) == 3.0
 
 
 def test_sigmoid_router_bias_balances_load():
@@ -106,10 +106,10 @@ def test_sigmoid_router_bias_balances_load():
     with torch.no_grad():
         router.weight[0] += 0.3  # expert 0 is overloaded at first
     x = torch.randn(512, 16)
-    before = gnn.max_violation(router(x)[0], 8)
+    before = gnn.max_vio(router(x)[0], 8)
     for _ in range(300):
         router(x)
-    after = gnn.max_violation(router(x)[0], 8)
+    after = gnn.max_vio(router(x)[0], 8)
     assert after < before / 3, (before, after)
     assert router.weight.grad is None  # the bias moved without any gradient
     ids, w = router.eval()(x)

@@ -82,6 +82,21 @@ CASES = {
         lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of, w, y.double()), ValueError, "match"),
     "unpermute_backward/row_of_out_of_range": (
         lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of + 6, w, y), IndexError, "outside"),
+    # Argument types and sizes the C++ schema would reject with an unhelpful RuntimeError, or that
+    # would ask for more memory than any machine has.
+    "plan/experts_beyond_int64": (lambda: ops.routing_plan(ok_ids, -2**70), ValueError, "num_experts"),
+    "plan/experts_2_64": (lambda: ops.routing_plan(ok_ids, 2**64), ValueError, "num_experts"),
+    "plan/experts_cannot_fit": (lambda: ops.routing_plan(torch.tensor([[0]]), 2**31 - 1), ValueError, "num_experts"),
+    "coact/experts_2_64": (lambda: ops.coactivation(ok_ids, 2**64), ValueError, "num_experts"),
+    "coact/experts_cannot_fit": (lambda: ops.coactivation(ok_ids, 100_000), ValueError, "num_experts"),
+    "plan/ids_none": (lambda: ops.routing_plan(None, E), ValueError, "expert_ids"),
+    "plan/ids_list": (lambda: ops.routing_plan([[0, 1]], E), ValueError, "expert_ids"),
+    "plan/ids_sparse": (lambda: ops.routing_plan(ok_ids.to_sparse(), E), ValueError, "strided"),
+    "coact/ids_list": (lambda: ops.coactivation([[0, 1]], E), ValueError, "expert_ids"),
+    "unpermute/weights_float": (lambda: ops.unpermute(y, ok_plan, 0.5), ValueError, "weights"),
+    "permute/x_list": (lambda: ops.permute([[1.0]], ok_plan), ValueError, "x"),
+    "unpermute/weights_on_meta": (lambda: ops.unpermute(y, ok_plan, w.to("meta")), ValueError, "devices"),
+    "permute/row_of_on_meta": (lambda: ops.permute(x, plan_with(ok_plan.row_of.to("meta"))), ValueError, "devices"),
 }
 
 

@@ -120,3 +120,20 @@ def test_roundtrip_recovers_input(device):
     x = torch.randn(256, 48, device=device)
     w = torch.full((256, 4), 0.25, device=device)
     torch.testing.assert_close(ops.unpermute(ops.permute(x, plan), plan, w), x)
+
+
+def test_second_derivatives_raise_instead_of_silent_zeros():
+    from grouter import ops
+
+    ids = torch.tensor([[0, 1], [1, 2]])
+    plan = ops.routing_plan(ids, 3)
+    y = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    out = ops.unpermute(y, plan, w)
+    (gy,) = torch.autograd.grad(out.square().sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        gy.sum().backward()
+    # first derivatives are unaffected
+    out = ops.unpermute(y, plan, w)
+    out.sum().backward()
+    assert y.grad is not None and w.grad is not None

@@ -47,3 +47,19 @@ def test_refuses_mismatches(tmp_path):
         grouter.PredispatchReader(tmp_path)
     with pytest.raises(ValueError, match="header.json"):
         grouter.PredispatchReader(tmp_path / "nowhere")
+
+
+def test_int16_ids_are_little_endian_and_bad_ids_are_refused(tmp_path):
+    import numpy as np
+
+    g = small_grouter(E=300, K=2)  # more than 256 experts: int16 ids
+    tokens = torch.randint(0, VOCAB, (3, 8))
+    grouter.predispatch(g, tokens, tmp_path, progress=False)
+    raw = np.fromfile(tmp_path / "ids.bin", dtype="<i2").reshape(3, 8, 2)
+    assert torch.equal(torch.from_numpy(raw.astype(np.int64)), g.route(tokens)[0])
+    raw[1, 2, 0] = -5  # a negative int16 id
+    raw.tofile(tmp_path / "ids.bin")
+    reader = grouter.PredispatchReader(tmp_path)
+    reader[0]
+    with pytest.raises(ValueError, match="sample 1 holds expert id -5"):
+        reader[1]

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 import grouter  # noqa: E402
 from grouter.hf.source import load_source  # noqa: E402
 from grouter.router.teacher import run_to_router  # noqa: E402
-from grouter.router.train import router_logit_capture  # noqa: E402
+from grouter.router.train import RouterLogitCapture  # noqa: E402
 
 VOCAB = 97
 
@@ -35,10 +35,10 @@ def test_partial_source_gives_the_full_models_router_logits(tmp_path, layer):
     assert info["decoder_layers_kept"] == (1 if layer == 0 else 4) and info["decoder_layers_total"] == 6
     assert len(part.layers) == info["decoder_layers_kept"] and not hasattr(part, "lm_head")
     ids = torch.randint(0, VOCAB, (2, 11))
-    with router_logit_capture(full, layer) as cap:
+    with RouterLogitCapture(full, layer) as cap:
         full(ids)
         want = cap.logits
-    with router_logit_capture(part, layer) as cap:
+    with RouterLogitCapture(part, layer) as cap:
         got = run_to_router(part, cap, ids)
     assert torch.equal(got, want)
 
@@ -72,7 +72,7 @@ def test_the_source_stops_after_the_distilled_router(tmp_path):
     part, _ = load_source(tmp_path, 1)
     ran = []
     part.layers[1].mlp.experts.register_forward_pre_hook(lambda *a: ran.append(1))
-    with router_logit_capture(part, 1) as cap:
+    with RouterLogitCapture(part, 1) as cap:
         run_to_router(part, cap, torch.randint(0, VOCAB, (1, 5)))
     assert ran == []  # the distilled layer's experts never ran
     assert grouter.router.TeacherLogits  # exported
@@ -99,8 +99,8 @@ def test_partial_source_of_other_families(tmp_path, family):
     part, info = load_source(tmp_path, 1)
     assert info["decoder_layers_kept"] == 2 and info["num_experts"] == 8
     ids = torch.randint(0, VOCAB, (2, 9))
-    with router_logit_capture(full, 1) as cap:
+    with RouterLogitCapture(full, 1) as cap:
         full(ids)
         want = cap.logits
-    with router_logit_capture(part, 1) as cap:
+    with RouterLogitCapture(part, 1) as cap:
         assert torch.equal(run_to_router(part, cap, ids), want)
