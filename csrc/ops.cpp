@@ -1,6 +1,6 @@
 // The grouter operator library: schemas for every op (kernels register per backend in csrc/cpu
 // and csrc/cuda) and the Python extension module that loads them.
-#include "config.h"
+#include "cuda_checks_switch.h"
 #include "cpu/output_cache.h"
 
 #include <pybind11/pybind11.h>

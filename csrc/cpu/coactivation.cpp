@@ -50,7 +50,7 @@ void count_pairs(const id_t* ids, int64_t T, int64_t K, int64_t E, int64_t* C) {
 
 at::Tensor coactivation_cpu(const at::Tensor& expert_ids, int64_t num_experts) {
   check_expert_ids_args("coactivation", expert_ids, num_experts);
-  const at::Tensor ids = expert_ids.contiguous();
+  const at::Tensor ids = private_indices(expert_ids);
   check_expert_id_values("coactivation", ids, num_experts);
   at::Tensor C = at::zeros({num_experts, num_experts}, ids.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "grouter_coactivation_cpu", [&] {

@@ -11,6 +11,11 @@
 #include <vector>
 
 namespace grouter::cpu {
+
+at::Tensor private_indices(const at::Tensor& indices) {
+  return indices.is_contiguous() ? indices.clone() : indices.contiguous();
+}
+
 namespace {
 
 // Above this K a pairwise duplicate scan (K^2/2 compares) loses to a per-task "last seen" table.

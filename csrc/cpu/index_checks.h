@@ -9,6 +9,11 @@
 
 namespace grouter::cpu {
 
+// An index tensor the op validates and then reads again, as a contiguous copy that only this op
+// holds: if another thread wrote the caller's tensor in between, the values used would not be the
+// values checked (an out-of-bounds access). Costs one T*K integer copy, small next to the rows.
+at::Tensor private_indices(const at::Tensor& indices);
+
 // Every id in [0, E) and no id twice in one token's K ids. Raises IndexError / ValueError naming
 // the first offending token (the lowest one, whatever the thread count).
 void check_expert_id_values(const char* op, const at::Tensor& ids, int64_t num_experts);

@@ -1,8 +1,10 @@
 // Uninitialised CPU outputs for the dispatch ops. Large ones come from a bounded cache of
 // recycled blocks: a fresh multi-MiB output spends more time in first-touch page faults (the
 // kernel zeroing every page) than the op spends copying, and a training loop frees and asks for
-// the same sizes every step. Freed blocks are kept up to a byte limit (default 1 GiB, env
-// GROUTER_CPU_CACHE_MB, or set_output_cache_limit) and the rest go back to the system.
+// the same sizes every step. Freed blocks are kept up to a byte limit (default 1 GiB or 1/16 of
+// physical memory if less, env GROUTER_CPU_CACHE_MB, or set_output_cache_limit) and the rest go
+// back to the system. Outputs from cached blocks cannot be resize_()d (their storage is not
+// resizable); copy one first to grow it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

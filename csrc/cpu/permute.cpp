@@ -5,7 +5,7 @@
 #include "cpu/index_checks.h"
 #include "cpu/output_cache.h"
 #include "cpu/permute.h"
-#include "cpu/row_copy.h"
+#include "cpu/row_writer.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -13,11 +13,15 @@
 
 namespace grouter::cpu {
 
-at::Tensor permute_cpu(const at::Tensor& x_, const at::Tensor& row_of_) {
-  check_permute_args(x_, row_of_);
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& row_of) {
+  check_permute_args(x, row_of);
+  return permute_rows("permute", x, row_of);
+}
+
+at::Tensor permute_rows(const char* op, const at::Tensor& x_, const at::Tensor& row_of_) {
   const at::Tensor x = x_.contiguous();
-  const at::Tensor row_of = row_of_.contiguous();
-  check_row_of_values("permute", row_of);
+  const at::Tensor row_of = private_indices(row_of_);
+  check_row_of_values(op, row_of);
   const int64_t T = x.size(0), H = x.size(1), K = row_of.size(1);
   at::Tensor out = empty_output({T * K, H}, x.options());
   if (out.numel() == 0) return out;

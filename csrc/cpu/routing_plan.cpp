@@ -64,7 +64,7 @@ void counting_sort(const id_t* ids, int64_t T, int64_t K, int64_t E, int32_t* so
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_plan_cpu(const at::Tensor& expert_ids,
                                                                 int64_t num_experts) {
   check_expert_ids_args("routing_plan", expert_ids, num_experts);
-  const at::Tensor ids = expert_ids.contiguous();
+  const at::Tensor ids = private_indices(expert_ids);
   check_expert_id_values("routing_plan", ids, num_experts);
   const int64_t T = ids.size(0), K = ids.size(1);
   const auto int32 = ids.options().dtype(at::kInt);

@@ -9,7 +9,7 @@
 #include "cpu/index_checks.h"
 #include "cpu/output_cache.h"
 #include "cpu/permute.h"
-#include "cpu/row_copy.h"
+#include "cpu/row_writer.h"
 #include "cpu/vector_loops.h"
 
 #include <ATen/Dispatch.h>
@@ -96,7 +96,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_, const at::Tensor& row_of_,
                          const c10::optional<at::Tensor>& weights) {
   check_unpermute_args("unpermute", y_, row_of_, weights);
   const at::Tensor y = y_.contiguous();
-  const at::Tensor row_of = row_of_.contiguous();
+  const at::Tensor row_of = private_indices(row_of_);
   check_row_of_values("unpermute", row_of);
   const int64_t T = row_of.size(0), K = row_of.size(1), H = y.size(1);
   const at::ScalarType acc = combine_acc_dtype(y, weights);
@@ -120,11 +120,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   check_unpermute_backward_args(grad_out_, row_of_, weights, y_);
   if (!has_tensor(weights)) {
     // Unweighted: grad_y is grad_out permuted, and there are no weights to differentiate.
-    return {permute_cpu(grad_out_, row_of_), at::empty({0}, grad_out_.options())};
+    return {permute_rows("unpermute_backward", grad_out_, row_of_), at::empty({0}, grad_out_.options())};
   }
   const bool want_grad_w = has_tensor(y_);
   const at::Tensor grad_out = grad_out_.contiguous();
-  const at::Tensor row_of = row_of_.contiguous();
+  const at::Tensor row_of = private_indices(row_of_);
   check_row_of_values("unpermute_backward", row_of);
   const at::Tensor y = want_grad_w ? y_->contiguous() : at::Tensor();
   const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_out.size(1);

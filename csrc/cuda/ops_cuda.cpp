@@ -1,7 +1,7 @@
 // CUDA registrations of the grouter ops: argument checks (shared with the CPU), the device guard,
 // allocation on the caching allocator, then the launchers of csrc/cuda/*.cu on the current stream.
 #include "checks.h"
-#include "config.h"
+#include "cuda_checks_switch.h"
 #include "cuda/index_checks.h"
 #include "cuda/launch.h"
 
@@ -52,17 +52,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_plan_cuda(const at::Tenso
   return {sorted_tokens, row_of, offsets};
 }
 
-at::Tensor permute_cuda(const at::Tensor& x_, const at::Tensor& row_of_) {
-  check_permute_args(x_, row_of_);
+// permute for arguments `op` has already checked (also the backward of an unweighted unpermute).
+at::Tensor permute_rows(const char* op, const at::Tensor& x_, const at::Tensor& row_of_) {
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   const at::Tensor row_of = row_of_.contiguous();
-  if (cuda_checks_enabled()) check_row_of_values("permute", row_of);
+  if (cuda_checks_enabled()) check_row_of_values(op, row_of);
   const int64_t T = x.size(0), H = x.size(1), K = row_of.size(1);
   at::Tensor out = at::empty({T * K, H}, x.options());
   C10_CUDA_CHECK(permute(x.const_data_ptr(), row_of.const_data_ptr<int32_t>(), out.mutable_data_ptr(),
                          T, K, H * x.element_size(), stream_of(x)));
   return out;
+}
+
+at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_of) {
+  check_permute_args(x, row_of);
+  return permute_rows("permute", x, row_of);
 }
 
 at::Tensor unpermute_cuda(const at::Tensor& y_, const at::Tensor& row_of_,
@@ -90,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const c10::cuda::CUDAGuard guard(grad_out_.device());
   if (!has_tensor(weights)) {
     // Unweighted: grad_y is grad_out permuted, and there are no weights to differentiate.
-    return {permute_cuda(grad_out_, row_of_), at::empty({0}, grad_out_.options())};
+    return {permute_rows("unpermute_backward", grad_out_, row_of_), at::empty({0}, grad_out_.options())};
   }
   const bool want_grad_w = has_tensor(y_);
   const at::Tensor grad_out = grad_out_.contiguous();

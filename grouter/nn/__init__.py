@@ -4,7 +4,7 @@ from .expert_mlp_op import ACTIVATIONS, expert_mlp, glu
 from .experts import Experts
 from .moe import MoE
 from .balance import expert_load, load_cv, max_vio
-from .routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss
+from .learned_routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss
 from .blocks import moe_blocks
 from .routing import Routing
 

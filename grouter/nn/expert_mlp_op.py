@@ -36,9 +36,13 @@ def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
 Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
 
 
-def _slices(expert_offsets: Union[Tensor, Sequence[int]]) -> Slices:
+def _slices(expert_offsets: Union[Tensor, Sequence[int]], rows: int) -> Slices:
     # One device-to-host copy per call (none for host offsets), not one per expert.
     bounds = expert_offsets.tolist() if isinstance(expert_offsets, Tensor) else list(expert_offsets)
+    # Offsets that do not tile [0, rows) would leave rows unwritten (garbage out) or read past them.
+    if not bounds or bounds[0] != 0 or bounds[-1] != rows or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"grouter.expert_mlp: expert offsets must rise from 0 to the {rows} rows, got "
+                         f"{bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-8:]}")
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 
 
@@ -124,7 +128,7 @@ def _mlp_backward(grad_out: Tensor, rows: Tensor, h: Tensor, slices: Slices, gat
 @torch.library.custom_op("grouter::expert_mlp", mutates_args=())
 def _expert_mlp_op(rows: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
                    activation: str) -> Tuple[Tensor, Tensor]:
-    return _mlp_forward(rows, _slices(expert_offsets), gate_up_proj, down_proj, activation)
+    return _mlp_forward(rows, _slices(expert_offsets, rows.shape[0]), gate_up_proj, down_proj, activation)
 
 
 @_expert_mlp_op.register_fake
@@ -135,7 +139,7 @@ def _(rows, expert_offsets, gate_up_proj, down_proj, activation):
 @torch.library.custom_op("grouter::expert_mlp_backward", mutates_args=())
 def _expert_mlp_backward_op(grad_out: Tensor, rows: Tensor, h: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor,
                             down_proj: Tensor, activation: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return _mlp_backward(grad_out, rows, h, _slices(expert_offsets), gate_up_proj, down_proj, activation,
+    return _mlp_backward(grad_out, rows, h, _slices(expert_offsets, rows.shape[0]), gate_up_proj, down_proj, activation,
                          (True, True, True))
 
 
@@ -209,4 +213,4 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
         return F.grouped_mm(a, down_proj.transpose(-2, -1), offs=offs)
     if isinstance(gate, str) and isinstance(expert_offsets, Tensor):
         return _expert_mlp_op(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]
-    return _ExpertMLP.apply(rows, gate_up_proj, down_proj, _slices(expert_offsets), gate)
+    return _ExpertMLP.apply(rows, gate_up_proj, down_proj, _slices(expert_offsets, rows.shape[0]), gate)

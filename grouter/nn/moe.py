@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .experts import Experts
-from .routers import SigmoidTopKRouter, SoftmaxTopKRouter
+from .learned_routers import SigmoidTopKRouter, SoftmaxTopKRouter
 from .routing import RoutingLike, as_routing
 
 __all__ = ["MoE"]

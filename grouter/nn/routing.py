@@ -7,7 +7,7 @@ Sharing is explicit (the caller holds the Routing), never a cache keyed on tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from torch import Tensor
@@ -19,17 +19,32 @@ __all__ = ["Routing", "RoutingLike", "flatten_routing", "as_routing"]
 
 @dataclass(frozen=True)
 class Routing:
-    """expert_ids [T, K], weights [T, K] and the RoutingPlan of expert_ids."""
+    """expert_ids [T, K], weights [T, K] and the RoutingPlan of expert_ids.
+
+    Build it with `Routing.prepare`. Constructed directly, the plan is checked against the ids
+    (shapes, and that every row sits in its expert's slice): a plan of other ids is refused.
+    """
 
     expert_ids: Tensor
     weights: Tensor
     plan: ops.RoutingPlan
+    planned_here: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.expert_ids.dim() != 2 or self.weights.shape != self.expert_ids.shape:
+            raise ValueError(f"Routing: expert_ids {tuple(self.expert_ids.shape)} and weights "
+                             f"{tuple(self.weights.shape)} must both be [T, K]")
+        if tuple(self.plan.row_of.shape) != tuple(self.expert_ids.shape):
+            raise ValueError(f"Routing: the plan covers {tuple(self.plan.row_of.shape)} slots, the ids "
+                             f"{tuple(self.expert_ids.shape)}")
+        if not self.planned_here:
+            _check_plan_matches(self.expert_ids, self.plan)
 
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
         """Flatten leading dims to tokens and build the plan (once, for every layer that uses it)."""
         ids, w = flatten_routing(expert_ids, weights)
-        return cls(ids, w, ops.routing_plan(ids, num_experts))
+        return cls(ids, w, ops.routing_plan(ids, num_experts), planned_here=True)
 
     @property
     def num_experts(self) -> int:
@@ -41,6 +56,22 @@ class Routing:
 
 
 RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
+
+
+def _check_plan_matches(expert_ids: Tensor, plan: ops.RoutingPlan) -> None:
+    """Every slot's row lies in the slice of its expert, and the offsets tile all T*K rows."""
+    import torch
+
+    offsets = plan.expert_offsets
+    n = expert_ids.numel()
+    if offsets.dim() != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
+        raise ValueError(f"Routing: the plan's expert offsets do not tile the {n} routed rows")
+    rows = plan.row_of.reshape(-1).long()
+    if n and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError("Routing: the plan's rows fall outside [0, T*K)")
+    expert_of_row = torch.searchsorted(offsets, rows, right=True) - 1
+    if not torch.equal(expert_of_row, expert_ids.reshape(-1).long().to(expert_of_row.device)):
+        raise ValueError("Routing: the plan was not built from these expert ids (rows in other experts' slices)")
 
 
 def flatten_routing(expert_ids: Tensor, weights: Tensor) -> "tuple[Tensor, Tensor]":

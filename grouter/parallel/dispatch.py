@@ -17,6 +17,8 @@ Otherwise one all-to-all of counts; all MoE layers sharing a routing share the r
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
@@ -42,16 +44,38 @@ class CommStats:
     route_checks: int = 0     # all-reduces checking that every rank planned from the same global routes
 
 
-_stats = CommStats()
+class _Counters:
+    """The process's CommStats behind a lock: layers of several threads may count at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stats = CommStats()
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self._stats, name, getattr(self._stats, name) + amount)
+
+    def read(self) -> CommStats:
+        with self._lock:
+            return replace(self._stats)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stats = CommStats()
+
+
+# Process-wide on purpose: the counters describe what this process sent, whichever layer sent it.
+_counters = _Counters()
 
 
 def comm_stats() -> CommStats:
-    return replace(_stats)
+    """A copy of this process's counters."""
+    return _counters.read()
 
 
 def reset_comm_stats() -> None:
-    global _stats
-    _stats = CommStats()
+    _counters.reset()
 
 
 def group_info(group) -> tuple:
@@ -63,8 +87,7 @@ def group_info(group) -> tuple:
 def _exchange(x: Tensor, send: List[int], recv: List[int], group, rank: int) -> Tensor:
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
-    _stats.all_to_alls += 1
-    _stats.bytes_sent += (sum(send) - send[rank]) * math.prod(x.shape[1:]) * x.element_size()
+    _counters.add(all_to_alls=1, bytes_sent=(sum(send) - send[rank]) * math.prod(x.shape[1:]) * x.element_size())
     return out
 
 
@@ -170,8 +193,7 @@ class ParallelRouting:
             recv_counts = torch.empty_like(send_counts)
             if world > 1:
                 dist.all_to_all_single(recv_counts, send_counts, group=group)
-                _stats.count_exchanges += 1
-                _stats.count_bytes_sent += (world - 1) * E_loc * send_counts.element_size()
+                _counters.add(count_exchanges=1, count_bytes_sent=(world - 1) * E_loc * send_counts.element_size())
             else:
                 recv_counts.copy_(send_counts)
             both = torch.stack([send_counts, recv_counts]).cpu()  # the one device-to-host copy
@@ -196,16 +218,22 @@ def same_on_all_ranks(t: Tensor, device, group) -> bool:
     return torch.equal(both[:flat.numel()], -both[flat.numel():])
 
 
-_checked = False  # whether this process has checked a routing planned from global routes
+# Process groups whose ranks have checked once that they plan from the same global routes (the
+# default check=None checks the first routing of each group). Weak keys: a destroyed group goes.
+_checked_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_checked_lock = threading.Lock()
 
 
 def _check_same_counts(counts: Tensor, device, group, check: Optional[bool]) -> None:
     """Raise ValueError on every rank unless all ranks hold the same [W, E] counts (when asked)."""
-    global _checked
-    if not (check or (check is None and not _checked)):
-        return
-    _checked = True
-    _stats.route_checks += 1
+    key = group if group is not None else dist.group.WORLD
+    with _checked_lock:
+        first = key not in _checked_groups
+        if check or (check is None and first):
+            _checked_groups[key] = True
+        else:
+            return
+    _counters.add(route_checks=1)
     if not same_on_all_ranks(counts, device, group):
         raise ValueError("the ranks passed different global_expert_ids: every rank must plan from the same "
                          "routes of the whole global batch")

@@ -134,7 +134,13 @@ def fold(g: Grouter, groups: Tensor, top_k: Optional[int] = None) -> Grouter:
 
 @torch.no_grad()
 def expand(g: Grouter, n: int, batches: Iterable[Tensor], noise: float = 1e-3, seed: int = 0) -> Grouter:
-    """A Grouter with n >= E experts, made by splitting the most loaded experts; tune it afterwards."""
+    """A Grouter with n >= E experts, made by splitting the most loaded experts; tune it afterwards.
+
+    A split expert's two copies share its projection row (plus a little noise). Under softmax
+    scores both biases drop by log 2, so the pair keeps the original expert's probability mass;
+    under sigmoid scores no constant shift does that for every input, so the copies keep the
+    original logit (each scores as the original did) and tuning separates them.
+    """
     E = g.num_experts
     if n < E:
         raise ValueError(f"expand grows the expert count; {n} < {E} (use fold)")
@@ -147,7 +153,8 @@ def expand(g: Grouter, n: int, batches: Iterable[Tensor], noise: float = 1e-3, s
         i = max(range(len(load)), key=lambda j: (load[j], -j))
         load[i] /= 2
         load.append(load[i])
-        bias[i] -= math.log(2)  # the two halves together keep the original expert's softmax mass
+        if g.score == "softmax":
+            bias[i] -= math.log(2)  # the two halves together keep the original expert's softmax mass
         row = weight[i] + noise * weight[i].abs().mean() * torch.randn(weight.shape[1], generator=gen).to(weight)
         weight = torch.cat([weight, row[None]])
         bias = torch.cat([bias, bias[i:i + 1]])

@@ -224,3 +224,20 @@ def test_activation_memory_is_rows_and_gate_up_only():
         moe(x, routing=(ids, w))
     per_row = sorted(s for s in saved if len(s) == 2 and s[0] == 80)
     assert per_row == [(80, H), (80, 2 * I)], saved
+
+
+def test_inconsistent_plans_are_refused():
+    ids, w = fixed_routing(20, 2, 8)
+    plan = grouter.ops.routing_plan(ids, 8)
+    other = grouter.ops.routing_plan(fixed_routing(20, 2, 8)[0], 8)
+    with pytest.raises(ValueError, match="not built from these expert ids"):
+        gnn.Routing(ids, w, other)
+    lowered = plan.expert_offsets.clone()
+    lowered[-1] -= 1
+    with pytest.raises(ValueError, match="tile"):
+        gnn.Routing(ids, w, grouter.ops.RoutingPlan(plan.sorted_tokens, plan.row_of, lowered))
+    moe = gnn.MoE(16, 8, 8, 2)
+    rows = torch.randn(40, 16)
+    with pytest.raises(ValueError, match="expert offsets must rise from 0 to the 40 rows"):
+        moe.experts(rows, lowered)
+    gnn.Routing(ids, w, plan)  # the right plan, built elsewhere, is accepted

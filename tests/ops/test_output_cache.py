@@ -51,3 +51,43 @@ def test_cached_output_behaves_like_a_tensor(cache_limit):
     assert torch.equal(x.grad, torch.full_like(x, 4.0))
     assert out.detach().numpy().shape == (2048, 1024)
     assert torch.equal(out.clone(), out)
+
+
+def test_emptying_the_cache_returns_memory_to_the_system():
+    # In a fresh process: RSS after emptying the cache falls back by (about) what the cache held.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import re, torch
+        from grouter import ops
+
+        def rss():
+            return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
+
+        ops.set_cpu_output_cache_limit(1 << 30)
+        ids = torch.rand(2048, 8).argsort(1)[:, :2].contiguous()
+        plan = ops.routing_plan(ids, 8)
+        x = torch.randn(8000, 1024)
+        del x  # a freed ~32 MiB mapping raises glibc's mmap threshold: later blocks come from its heap
+        outs = [ops.permute(torch.randn(2048, 1024), plan) for _ in range(24)]  # 24 x 16 MiB
+        del outs
+        held, before = ops.cpu_output_cache_bytes(), rss()
+        ops.empty_cpu_output_cache()
+        print(held, before - rss())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    held, released = int(out[0]), int(out[1])
+    assert held >= 24 * (16 << 20) and released > 0.9 * held, (held, released)
+
+
+def test_cached_outputs_cannot_be_resized_as_documented():
+    T, K, E, H = 2048, 2, 8, 512  # 8 MiB: from the cache
+    plan = ops.routing_plan(ref.random_routing(T, K, E), E)
+    out = ops.permute(torch.randn(T, H), plan)
+    if ops.cpu_output_cache_limit() > 0:
+        with pytest.raises(RuntimeError, match="not resizable"):
+            out.resize_(2 * T * K, H)
+    grown = out.clone().resize_(2 * T * K, H)  # a copy can grow
+    assert grown.shape == (2 * T * K, H)

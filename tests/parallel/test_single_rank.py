@@ -113,3 +113,20 @@ def test_all_to_all_checks_its_splits(group):
         all_to_all(x, [4], [4])
     with pytest.raises(ValueError, match="send and receive sizes"):
         all_to_all(x, [5, 0], [5, 0])
+
+
+def test_comm_counters_are_thread_safe():
+    import threading
+
+    from grouter.parallel.dispatch import _counters
+
+    reset_comm_stats()
+    threads = [threading.Thread(target=lambda: [_counters.add(all_to_alls=1, bytes_sent=3) for _ in range(5000)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = comm_stats()
+    assert s.all_to_alls == 20000 and s.bytes_sent == 60000
+    reset_comm_stats()

@@ -76,3 +76,14 @@ def test_tune_on_a_balanced_grouter_changes_nothing_it_cannot_improve():
     if result["best_step"] == 0:
         assert g.state_dict().keys() == state.keys()
         assert all(torch.equal(g.state_dict()[k], v) for k, v in state.items())
+
+
+def test_expand_under_sigmoid_keeps_each_copy_at_the_original_logit():
+    g = small_grouter(4, 1, score="sigmoid")
+    batches = token_batches(2)
+    grown = grouter.expand(g, 5, batches, noise=0.0)
+    x = batches[0]
+    old, new = g(x), grown(x)
+    split = [i for i in range(4) if torch.allclose(new[..., 4], new[..., i])]
+    assert len(split) == 1
+    torch.testing.assert_close(new[..., :4], old, rtol=1e-5, atol=1e-5)  # nothing shifted

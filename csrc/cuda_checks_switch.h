@@ -1,4 +1,4 @@
-// Run-time switches of the compiled core.
+// The run-time switch of the CUDA value checks.
 #pragma once
 
 namespace grouter {

@@ -1,4 +1,4 @@
-#include "config.h"
+#include "cuda_checks_switch.h"
 
 #include <atomic>
 #include <cstdlib>
