@@ -84,3 +84,16 @@ def test_distill_and_the_hf_package_work_without_transformers():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+
+
+def test_every_public_class_has_a_docstring():
+    import importlib
+
+    missing = []
+    for name in ("grouter", "grouter.ops", "grouter.nn", "grouter.router", "grouter.parallel", "grouter.hf"):
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", []):
+            obj = getattr(module, attr)
+            if isinstance(obj, type) and not (obj.__doc__ or "").strip():
+                missing.append(f"{name}.{attr}")
+    assert not missing, missing

@@ -82,6 +82,9 @@ CASES = {
         lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of, w, y.double()), ValueError, "match"),
     "unpermute_backward/row_of_out_of_range": (
         lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of + 6, w, y), IndexError, "outside"),
+    "unpermute_backward/unweighted_names_itself": (
+        lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of + 6, None, None), IndexError,
+        "unpermute_backward"),
     # Argument types and sizes the C++ schema would reject with an unhelpful RuntimeError, or that
     # would ask for more memory than any machine has.
     "plan/experts_beyond_int64": (lambda: ops.routing_plan(ok_ids, -2**70), ValueError, "num_experts"),
