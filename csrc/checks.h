@@ -146,4 +146,20 @@ inline at::Tensor weights_as(const c10::optional<at::Tensor>& weights, at::Scala
   return has_tensor(weights) ? weights->to(acc).contiguous() : at::Tensor();
 }
 
+// A weighted combine's inputs (unpermute, and its backward) as both backends' kernels take them:
+// activations contiguous, weights converted once to the accumulation dtype, and the sizes. The
+// backend prepares row_of itself (the CPU reads a private copy of what it validated).
+struct CombineInputs {
+  at::Tensor rows;  // y [T*K, H], or grad_out [T, H] for the backward
+  at::Tensor w;     // [T, K] in `acc`, undefined when unweighted
+  at::ScalarType acc;
+  int64_t T, K, H;
+};
+
+inline CombineInputs combine_inputs(const at::Tensor& rows, const at::Tensor& row_of,
+                                    const c10::optional<at::Tensor>& weights) {
+  const at::ScalarType acc = combine_acc_dtype(rows, weights);
+  return {rows.contiguous(), weights_as(weights, acc), acc, row_of.size(0), row_of.size(1), rows.size(1)};
+}
+
 }  // namespace grouter

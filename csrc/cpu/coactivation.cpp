@@ -2,7 +2,7 @@
 // routed to i). Each task counts its token range into a private E x E matrix; the partials are
 // then added in task order. Integer sums, so the result does not depend on the split.
 #include "checks.h"
-#include "cpu/index_checks.h"
+#include "index_checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-#include "cpu/index_checks.h"
+#include "index_checks.h"
 
 #include "checks.h"
 

@@ -2,7 +2,7 @@
 // output (out[row_of[t, k]] = x[t]). A scatter by row_of moves (1 + K) * T * H elements; the
 // gather by sorted_tokens would read every source row K times instead of once.
 #include "checks.h"
-#include "cpu/index_checks.h"
+#include "index_checks.h"
 #include "cpu/output_cache.h"
 #include "cpu/permute.h"
 #include "cpu/row_writer.h"

@@ -5,7 +5,7 @@
 // Tasks cover ascending token ranges, so rows inside an expert come out in ascending (t, k) order
 // and the result is the same for any number of tasks or threads.
 #include "checks.h"
-#include "cpu/index_checks.h"
+#include "index_checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,7 @@
 // for any thread count. Built with -ffp-contract=off so `acc += w * y` rounds the product and
 // the sum separately, exactly like the PyTorch reference.
 #include "checks.h"
-#include "cpu/index_checks.h"
+#include "index_checks.h"
 #include "cpu/output_cache.h"
 #include "cpu/permute.h"
 #include "cpu/row_writer.h"
@@ -95,12 +95,9 @@ void dispatch_combine(const at::Tensor& y, at::ScalarType acc, Body&& body) {
 at::Tensor unpermute_cpu(const at::Tensor& y_, const at::Tensor& row_of_,
                          const c10::optional<at::Tensor>& weights) {
   check_unpermute_args("unpermute", y_, row_of_, weights);
-  const at::Tensor y = y_.contiguous();
   const at::Tensor row_of = private_indices(row_of_);
   check_row_of_values("unpermute", row_of);
-  const int64_t T = row_of.size(0), K = row_of.size(1), H = y.size(1);
-  const at::ScalarType acc = combine_acc_dtype(y, weights);
-  const at::Tensor w = weights_as(weights, acc);
+  const auto [y, w, acc, T, K, H] = combine_inputs(y_, row_of, weights);
   at::Tensor out = empty_output({T, H}, y.options());
   if (out.numel() == 0) return out;
   dispatch_combine(y, acc, [&]<typename scalar_t, typename acc_t>() {
@@ -123,13 +120,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
     return {permute_rows("unpermute_backward", grad_out_, row_of_), at::empty({0}, grad_out_.options())};
   }
   const bool want_grad_w = has_tensor(y_);
-  const at::Tensor grad_out = grad_out_.contiguous();
   const at::Tensor row_of = private_indices(row_of_);
   check_row_of_values("unpermute_backward", row_of);
+  const auto [grad_out, w, acc, T, K, H] = combine_inputs(grad_out_, row_of, weights);
   const at::Tensor y = want_grad_w ? y_->contiguous() : at::Tensor();
-  const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_out.size(1);
-  const at::ScalarType acc = combine_acc_dtype(grad_out, weights);
-  const at::Tensor w = weights_as(weights, acc);
   at::Tensor grad_y = empty_output({T * K, H}, grad_out.options());
   at::Tensor grad_w = want_grad_w ? at::empty({T, K}, grad_out.options().dtype(acc))
                                   : at::empty({0}, grad_out.options());

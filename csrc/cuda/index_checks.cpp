@@ -1,4 +1,4 @@
-#include "cuda/index_checks.h"
+#include "index_checks.h"
 
 #include "checks.h"
 

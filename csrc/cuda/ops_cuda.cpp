@@ -2,7 +2,7 @@
 // allocation on the caching allocator, then the launchers of csrc/cuda/*.cu on the current stream.
 #include "checks.h"
 #include "cuda_checks_switch.h"
-#include "cuda/index_checks.h"
+#include "index_checks.h"
 #include "cuda/launch.h"
 
 #include <ATen/ops/empty.h>
@@ -74,12 +74,9 @@ at::Tensor unpermute_cuda(const at::Tensor& y_, const at::Tensor& row_of_,
                           const c10::optional<at::Tensor>& weights) {
   check_unpermute_args("unpermute", y_, row_of_, weights);
   const c10::cuda::CUDAGuard guard(y_.device());
-  const at::Tensor y = y_.contiguous();
   const at::Tensor row_of = row_of_.contiguous();
   if (cuda_checks_enabled()) check_row_of_values("unpermute", row_of);
-  const int64_t T = row_of.size(0), K = row_of.size(1), H = y.size(1);
-  const at::ScalarType acc = combine_acc_dtype(y, weights);
-  const at::Tensor w = weights_as(weights, acc);
+  const auto [y, w, acc, T, K, H] = combine_inputs(y_, row_of, weights);
   at::Tensor out = at::empty({T, H}, y.options());
   C10_CUDA_CHECK(unpermute(y.const_data_ptr(), row_of.const_data_ptr<int32_t>(),
                            w.defined() ? w.const_data_ptr() : nullptr, out.mutable_data_ptr(), T, K, H,
@@ -98,13 +95,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
     return {permute_rows("unpermute_backward", grad_out_, row_of_), at::empty({0}, grad_out_.options())};
   }
   const bool want_grad_w = has_tensor(y_);
-  const at::Tensor grad_out = grad_out_.contiguous();
   const at::Tensor row_of = row_of_.contiguous();
   if (cuda_checks_enabled()) check_row_of_values("unpermute_backward", row_of);
+  const auto [grad_out, w, acc, T, K, H] = combine_inputs(grad_out_, row_of, weights);
   const at::Tensor y = want_grad_w ? y_->contiguous() : at::Tensor();
-  const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_out.size(1);
-  const at::ScalarType acc = combine_acc_dtype(grad_out, weights);
-  const at::Tensor w = weights_as(weights, acc);
   at::Tensor grad_y = at::empty({T * K, H}, grad_out.options());
   at::Tensor grad_w = want_grad_w ? at::empty({T, K}, grad_out.options().dtype(acc))
                                   : at::empty({0}, grad_out.options());

@@ -20,7 +20,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -180,34 +180,47 @@ class ParallelRouting:
         slot_of = slots(p)
         _check_ids(ids, E)
         plan = ops.routing_plan(slot_of.to(ids.device)[ids.long()].to(ids.dtype), E)
-        E_loc = E // world
-        if global_expert_ids is not None:
+        if global_expert_ids is not None:  # split sizes known ahead: no collective, no device sync
             counts = _global_counts(global_expert_ids, ids, slot_of, rank, world)  # [W, E] on the host
             if world > 1:
                 _check_same_counts(counts, ids.device, group, check)
-            send = counts[rank].view(world, E_loc).sum(1)
-            recv_counts = counts[:, rank * E_loc:(rank + 1) * E_loc]
-            exchanged = False
+            send, recv_counts = _splits_from_counts(counts, rank, world)
         else:
-            send_counts = plan.expert_offsets.diff()  # [E], slot order
-            recv_counts = torch.empty_like(send_counts)
-            if world > 1:
-                dist.all_to_all_single(recv_counts, send_counts, group=group)
-                _counters.add(count_exchanges=1, count_bytes_sent=(world - 1) * E_loc * send_counts.element_size())
-            else:
-                recv_counts.copy_(send_counts)
-            both = torch.stack([send_counts, recv_counts]).cpu()  # the one device-to-host copy
-            send = both[0].view(world, E_loc).sum(1)
-            recv_counts = both[1].view(world, E_loc)
-            exchanged = True
-        recv = recv_counts.sum(1)
-        per_expert = recv_counts.sum(0)
-        local_offsets = [0] + torch.cumsum(per_expert, 0).tolist()
-        recv_plan = None
-        if world > 1 and E_loc > 1:
-            local_ids = torch.arange(E_loc).repeat(world).repeat_interleave(recv_counts.flatten())
-            recv_plan = ops.routing_plan(local_ids.view(-1, 1).to(device=ids.device, dtype=torch.int32), E_loc)
-        return cls(ids, w, plan, send.tolist(), recv.tolist(), recv_plan, local_offsets, p, rank, exchanged)
+            send, recv_counts = _exchange_counts(plan, world, group)
+        local_offsets = [0] + torch.cumsum(recv_counts.sum(0), 0).tolist()
+        return cls(ids, w, plan, send.tolist(), recv_counts.sum(1).tolist(), _receive_plan(recv_counts, ids.device),
+                   local_offsets, p, rank, exchanged_counts=global_expert_ids is None)
+
+
+def _splits_from_counts(counts: Tensor, rank: int, world: int) -> Tuple[Tensor, Tensor]:
+    """(rows this rank sends to each rank [W], rows it receives [W, E_loc] per sender and local
+    expert), from every rank's per-expert counts [W, E] in slot order."""
+    E_loc = counts.shape[1] // world
+    return counts[rank].view(world, E_loc).sum(1), counts[:, rank * E_loc:(rank + 1) * E_loc]
+
+
+def _exchange_counts(plan: ops.RoutingPlan, world: int, group) -> Tuple[Tensor, Tensor]:
+    """The same splits from one all-to-all of this rank's per-expert counts (and one host copy)."""
+    send_counts = plan.expert_offsets.diff()  # [E], slot order
+    E_loc = send_counts.numel() // world
+    recv_counts = torch.empty_like(send_counts)
+    if world > 1:
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        _counters.add(count_exchanges=1, count_bytes_sent=(world - 1) * E_loc * send_counts.element_size())
+    else:
+        recv_counts.copy_(send_counts)
+    both = torch.stack([send_counts, recv_counts]).cpu()  # the one device-to-host copy
+    return both[0].view(world, E_loc).sum(1), both[1].view(world, E_loc)
+
+
+def _receive_plan(recv_counts: Tensor, device) -> Optional[ops.RoutingPlan]:
+    """A K=1 plan that orders the received rows (grouped by sender, then local expert) by local
+    expert; None when they already are (one rank, or one local expert)."""
+    world, E_loc = recv_counts.shape
+    if world == 1 or E_loc == 1:
+        return None
+    local_ids = torch.arange(E_loc).repeat(world).repeat_interleave(recv_counts.flatten())
+    return ops.routing_plan(local_ids.view(-1, 1).to(device=device, dtype=torch.int32), E_loc)
 
 
 def same_on_all_ranks(t: Tensor, device, group) -> bool:
