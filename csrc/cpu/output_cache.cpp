@@ -128,6 +128,23 @@ OutputCache& cache() {
 
 void release(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
 
+// The allocator of cached outputs' storages, so that resize_() works on them as on any tensor:
+// a larger size takes a new block from the cache and the old one goes back.
+struct CacheAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    Block* b = cache().take(std::max<int64_t>(static_cast<int64_t>(n), 1));
+    return {b->ptr, b, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+c10::Allocator* cache_allocator() {
+  static CacheAllocator* a = new CacheAllocator();  // never destroyed, like the cache
+  return a;
+}
+
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -140,7 +157,12 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
     return out;
   }
   Block* b = cache().take(bytes);
-  return at::for_blob(b->ptr, sizes).context(b, &release).options(options).make_tensor();
+  return at::for_blob(b->ptr, sizes)
+      .context(b, &release)
+      .allocator(cache_allocator())
+      .resizeable_storage()
+      .options(options)
+      .make_tensor();
 }
 
 void set_output_cache_limit(int64_t bytes) { cache().set_limit(bytes); }

@@ -3,8 +3,8 @@
 // kernel zeroing every page) than the op spends copying, and a training loop frees and asks for
 // the same sizes every step. Freed blocks are kept up to a byte limit (default 1 GiB or 1/16 of
 // physical memory if less, env GROUTER_CPU_CACHE_MB, or set_output_cache_limit) and the rest go
-// back to the system. Outputs from cached blocks cannot be resize_()d (their storage is not
-// resizable); copy one first to grow it.
+// back to the system. Outputs from cached blocks resize like any tensor (their storage allocates
+// from the cache).
 #pragma once
 
 #include <ATen/core/Tensor.h>

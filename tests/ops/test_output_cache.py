@@ -82,12 +82,14 @@ def test_emptying_the_cache_returns_memory_to_the_system():
     assert held >= 24 * (16 << 20) and released > 0.9 * held, (held, released)
 
 
-def test_cached_outputs_cannot_be_resized_as_documented():
+def test_cached_outputs_resize_like_any_tensor():
     T, K, E, H = 2048, 2, 8, 512  # 8 MiB: from the cache
     plan = ops.routing_plan(ref.random_routing(T, K, E), E)
-    out = ops.permute(torch.randn(T, H), plan)
-    if ops.cpu_output_cache_limit() > 0:
-        with pytest.raises(RuntimeError, match="not resizable"):
-            out.resize_(2 * T * K, H)
-    grown = out.clone().resize_(2 * T * K, H)  # a copy can grow
-    assert grown.shape == (2 * T * K, H)
+    x = torch.randn(T, H)
+    out = ops.permute(x, plan)
+    expected = ref.permute(x, plan.row_of)
+    out.resize_(2 * T * K, H)  # grows into a new block, keeping the data
+    assert out.shape == (2 * T * K, H) and torch.equal(out[: T * K], expected)
+    out[T * K:] = 1.0  # the new rows are real memory
+    out.resize_(10, H)
+    assert torch.equal(out, expected[:10])
