@@ -113,3 +113,37 @@ def test_bidirectional_grouter_refuses_cached_generation():
         model.generate(ids, do_sample=False, max_new_tokens=3, use_cache=False)
         with pytest.raises(ValueError, match="bidirectional"):
             model.generate(ids, do_sample=False, max_new_tokens=3, use_cache=True)
+
+
+MORE = {  # families beyond the four above, each as small as it builds
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=16, first_k_dense_replace=0, n_group=1,
+        topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(num_local_experts=8, head_dim=8)),  # biased experts
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(n_routed_experts=8, moe_intermediate_size=16,
+                                                             first_k_dense_replace=0, n_group=1, topk_group=1)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=8)),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_cached_padded_and_alone_agree(name):
+    import warnings
+
+    from hf_models import COMMON
+
+    config_cls, model_cls, extra = MORE[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        **{**COMMON, "num_hidden_layers": 2, **extra})).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gpt_oss: biased experts fall back to grouped_mm, with a warning
+        grouter.hf.attach(model, small_grouter())
+        ids = torch.randint(3, VOCAB, (2, 7))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with torch.inference_mode():
+            kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+            cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)
+            assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
+            assert torch.equal(cached[0, 3:], model.generate(ids[:1, 3:], use_cache=True, **kw)[0])
