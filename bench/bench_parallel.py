@@ -247,6 +247,7 @@ def worker(args):
             print("RESULT " + json.dumps(dict(config=name, step_s=float(totals[2]) / W,
                                               bytes_per_step=float(totals[0]) / timed,
                                               count_exchanges_per_step=float(totals[1]) / timed / W)), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -113,6 +113,7 @@ def main(argv=None) -> float:
             log(f"step {step}: loss {loss_avg:.3f}, {tokens / (time.perf_counter() - started):,.0f} tok/s, "
                 f"sent {s.bytes_sent / 2**20:.2f} MiB/step from rank 0, count exchanges {s.count_exchanges}, "
                 f"pairs crossing ranks {crossing:.1%}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts at exit)
     dist.destroy_process_group()
     return loss_avg
 
