@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MoE, Routing, SigmoidTopKRouter, SoftmaxTopKRouter
-from ..router.model import Attention
+from ..nn.attention import Attention
 from .corpus import VOCAB
 
 AUX_LOSS_COEF = 0.01

@@ -5,11 +5,13 @@ from .experts import Experts
 from .moe import MoE
 from .balance import expert_load, load_cv, max_vio
 from .learned_routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss
+from .attention import Attention
 from .blocks import moe_blocks
+from .grouping import fold_groups
 from .routing import Routing
 
 __all__ = [
-    "MoE", "Experts", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing",
+    "MoE", "Experts", "Attention", "fold_groups", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing",
     "SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_vio", "load_cv",
     "expert_load",
 ]

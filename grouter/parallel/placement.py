@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..router.fold import fold_groups
+from ..nn.grouping import fold_groups
 
 __all__ = ["contiguous_placement", "check_placement", "slots", "place_experts", "assign_samples",
            "contiguous_sample_ranks", "routes_by_rank", "pairs_per_rank", "cross_rank_fraction"]
