@@ -30,9 +30,11 @@ template <> __device__ __forceinline__ float from_acc<float>(double x) { return 
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 template <> __device__ __forceinline__ double from_acc<double>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(double x) { return __double2bfloat16(x); }
+// From fp64, twice (double -> float -> half type), as torch and the CPU kernels round: c10's
+// BFloat16 and Half are built from a float only. Rounding once can differ in the last bit.
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(double x) { return __float2bfloat16_rn(float(x)); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __half from_acc<__half>(double x) { return __double2half(x); }
+template <> __device__ __forceinline__ __half from_acc<__half>(double x) { return __float2half_rn(float(x)); }
 
 // The widest access (16, 8, 4, 2 or 1 bytes) that every pointer and the row size allow.
 inline int alignment_of(int64_t row_bytes, const void* a, const void* b, const void* c = nullptr) {

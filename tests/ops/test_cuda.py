@@ -109,3 +109,18 @@ def test_checks_off_corrupt_plan_stays_in_bounds(checks_off):
     ops.permute(x, bad)
     ops.unpermute(torch.randn(4, 8, device="cuda"), bad, torch.rand(2, 2, device="cuda"))
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype,w", [(torch.bfloat16, 1 + 2**-8 + 2**-40), (torch.float16, 1 + 2**-11 + 2**-40)])
+def test_fp64_weights_round_twice_like_torch(dtype, w):
+    # fp64 accumulation rounded to a 16-bit type goes through float (double -> float -> half), as
+    # torch and the CPU kernel do; rounding once gives 1 + 2^-7 (bf16) or 1 + 2^-10 (fp16) here.
+    plan = ops.routing_plan(torch.zeros(1, 1, dtype=torch.long, device="cuda"), 1)
+    y = torch.ones(1, 1, dtype=dtype, device="cuda")
+    weights = torch.tensor([[w]], dtype=torch.float64, device="cuda")
+    out = ops.unpermute(y, plan, weights)
+    assert out.item() == 1.0 == ops.unpermute(y.cpu(), ops.routing_plan(torch.zeros(1, 1, dtype=torch.long), 1),
+                                              weights.cpu()).item()
+    grad_y, _ = torch.ops.grouter.unpermute_backward(torch.ones(1, 1, dtype=dtype, device="cuda"), plan.row_of,
+                                                      weights, None)
+    assert grad_y.item() == 1.0  # the backward's grad_y rounds the same way
