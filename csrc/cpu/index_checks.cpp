@@ -63,16 +63,27 @@ void check_expert_id_values(const char* op, const at::Tensor& ids, int64_t num_e
   });
 }
 
+// The same verdict as the CUDA check, whatever else is wrong: the first slot holding a row out of
+// range (IndexError), else the lowest row named twice (ValueError).
 void check_row_of_values(const char* op, const at::Tensor& row_of) {
   const int64_t n = row_of.numel();
   const int32_t* rows = row_of.const_data_ptr<int32_t>();
-  std::vector<uint8_t> hit(n, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (rows[i] < 0 || rows[i] >= n) raise_row_out_of_range(op, rows[i], n);
+  std::vector<uint8_t> hits(n, 0);
+  bool repeated = false;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t r = rows[i];
-    if (r < 0 || r >= n) raise_row_out_of_range(op, r, n);
-    if (hit[r]) raise_row_repeated(op, r);
-    hit[r] = 1;
+    repeated |= hits[rows[i]] != 0;
+    hits[rows[i]] = 1;
   }
+  if (!repeated) return;
+  std::fill(hits.begin(), hits.end(), 0);
+  int64_t lowest = n;
+  for (int64_t i = 0; i < n; ++i) {
+    if (hits[rows[i]]) lowest = std::min<int64_t>(lowest, rows[i]);
+    hits[rows[i]] = 1;
+  }
+  raise_row_repeated(op, lowest);
 }
 
 }  // namespace grouter::cpu

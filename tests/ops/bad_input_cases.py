@@ -85,6 +85,10 @@ CASES = {
     "unpermute_backward/unweighted_names_itself": (
         lambda: torch.ops.grouter.unpermute_backward(torch.randn(3, 4), ok_plan.row_of + 6, None, None), IndexError,
         "unpermute_backward"),
+    # Out of range wins over repeated, on every backend (issue 16): [[0, 0], [99, 1]] names 99.
+    "unpermute/range_before_repeat": (
+        lambda: ops.unpermute(torch.randn(4, 4), plan_with(torch.tensor([[0, 0], [99, 1]], dtype=torch.int32)), None),
+        IndexError, "row 99"),
     # Argument types and sizes the C++ schema would reject with an unhelpful RuntimeError, or that
     # would ask for more memory than any machine has.
     "plan/experts_beyond_int64": (lambda: ops.routing_plan(ok_ids, -2**70), ValueError, "num_experts"),
