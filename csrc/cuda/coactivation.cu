@@ -53,9 +53,11 @@ cudaError_t launch(const id_t* ids, int64_t T, int64_t K, int64_t num_experts, i
     // Few blocks: each flushes a whole tile, so more blocks than SMs only adds flush traffic.
     const int grid = grid_for(T, kThreads, 2 * int64_t(sms));
     if (tile_bytes > (48 << 10)) {
+      // The device's whole opt-in limit, not this call's size: the attribute is per function and
+      // device-wide, so a smaller value set by another host thread could fail a larger launch.
       if (cudaError_t err = cudaFuncSetAttribute(count_pairs<id_t, true>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(tile_bytes));
+                                                 smem_optin);
           err != cudaSuccess)
         return err;
     }

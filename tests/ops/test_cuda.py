@@ -58,10 +58,14 @@ def test_matches_cpu_kernels(dtype):
 def test_misaligned_rows_take_the_scalar_path():
     ids = ref.random_routing(300, 2, 8).cuda()
     plan = ops.routing_plan(ids, 8)
-    x = torch.randn(300, 1 + 37, device="cuda")[:, 1:]  # rows not 16-byte aligned
+    # Contiguous tensors one float past an aligned address (a [:, 1:] view would be copied by the
+    # op's .contiguous() into an aligned buffer, testing nothing).
+    x = torch.randn(300 * 37 + 1, device="cuda")[1:].view(300, 37)
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
     assert torch.equal(ops.permute(x, plan), ref.permute(x, plan.row_of))
-    y = torch.randn(600, 38, device="cuda")[:, 1:]
+    y = torch.randn(600 * 37 + 1, device="cuda")[1:].view(600, 37)
     w = torch.rand(300, 2, device="cuda")
+    assert y.is_contiguous() and y.data_ptr() % 16 != 0
     assert torch.equal(ops.unpermute(y, plan, w), ref.unpermute(y, plan.row_of, w))
 
 
