@@ -46,18 +46,18 @@ def median_times(fns, reps, warmup=2, device="cpu"):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def sgemm_rate(device, reps):
-    a, b = torch.randn(4096, 512, device=device), torch.randn(512, 512, device=device)
+def gemm_rate(device, reps, dtype=torch.float32):
+    a, b = torch.randn(4096, 512, device=device, dtype=dtype), torch.randn(512, 512, device=device, dtype=dtype)
     return 2 * 4096 * 512 * 512 / median_time(lambda: a @ b, reps * 5, device=device)
 
 
-def olmoe_blocks(H, I, E, K, device):
+def olmoe_blocks(H, I, E, K, device, dtype=torch.float32):
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
     config = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K)
     torch.manual_seed(0)
-    block = OlmoeSparseMoeBlock(config).to(device)
+    block = OlmoeSparseMoeBlock(config).to(device=device, dtype=dtype)
     with torch.no_grad():
         block.gate.weight.normal_(std=0.02)
         block.experts.gate_up_proj.normal_(std=0.02)
@@ -90,19 +90,23 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="parameters and activations (the floor is measured in the same dtype)")
     args = parser.parse_args()
     T, H, I, E, K, dev = args.tokens, 512, 256, 16, 2, args.device
+    dtype = getattr(torch, args.dtype)
 
-    rate = sgemm_rate(dev, args.reps)
+    rate = gemm_rate(dev, args.reps, dtype)
     floor = 18 * T * K * H * I / rate  # fwd 6*TK*H*I, bwd twice that
-    print(f"# {T} tokens, H={H} I={I} E={E} K={K} fp32, {dev}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; sgemm {rate / 1e9:.0f} GFLOP/s, matmul floor {floor * 1e3:.0f} ms")
+    print(f"# {T} tokens, H={H} I={I} E={E} K={K} {args.dtype}, {dev}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; GEMM {rate / 1e9:.0f} GFLOP/s, matmul floor {floor * 1e3:.0f} ms")
 
-    x = torch.randn(1, T, H, device=dev, requires_grad=True)
-    cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x) for impl, b in olmoe_blocks(H, I, E, K, dev).items()}
+    x = torch.randn(1, T, H, device=dev, dtype=dtype, requires_grad=True)
+    cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x)
+             for impl, b in olmoe_blocks(H, I, E, K, dev, dtype).items()}
     torch.manual_seed(0)
-    learned = gnn.MoE(H, I, E, K, router="softmax").to(dev)
-    fixed = gnn.MoE(H, I, E, K).to(dev)
+    learned = gnn.MoE(H, I, E, K, router="softmax").to(device=dev, dtype=dtype)
+    fixed = gnn.MoE(H, I, E, K).to(device=dev, dtype=dtype)
     fixed.experts.load_state_dict(learned.experts.state_dict())
     with torch.no_grad():
         ids, w = learned.router(x.view(T, H))
