@@ -31,11 +31,11 @@ __all__ = ["attach", "detach", "set_routes", "moe_blocks", "attachment_of"]
 
 @dataclass
 class _Routes:
-    """The routes of one forward: ids and weights [T, K], the Grouter's logits [T, E] or None, the plan."""
+    """The routes of one forward: ids and weights [T, K], the router logits the gates report [T, E], the plan."""
 
     ids: Tensor
     weights: Tensor
-    logits: Optional[Tensor]
+    logits: Tensor
     plan: ops.RoutingPlan
     routing_cache: Any = None  # a GrouterCache to keep on the cache the forward returns
 
@@ -79,9 +79,11 @@ class Attachment:
                                    "(pass input_ids, or give routes with grouter.hf.set_routes)")
             ids, weights, logits, state = self._route(input_ids, kwargs.get("attention_mask"), cache, kwargs)
         k = ids.shape[-1]
-        ids = ids.reshape(-1, k).long()
-        routes = _Routes(ids, weights.reshape(-1, k), None if logits is None else logits.reshape(ids.shape[0], -1),
-                         ops.routing_plan(ids, self.num_experts), state)
+        ids, weights = ids.reshape(-1, k).long(), weights.reshape(-1, k)
+        if logits is None:  # routes from outside: logits whose softmax is the gate weights on the chosen experts
+            logits = torch.full((ids.shape[0], self.num_experts), -1e4, dtype=torch.float32, device=ids.device)
+            logits = logits.scatter(1, ids, weights.float().clamp_min(1e-30).log())
+        routes = _Routes(ids, weights, logits.reshape(ids.shape[0], -1), ops.routing_plan(ids, self.num_experts), state)
         self.active.append(routes)
 
     def _route(self, input_ids: Tensor, attention_mask, cache, kwargs):
@@ -156,13 +158,7 @@ class Attachment:
         tokens = hidden_states.numel() // hidden_states.shape[-1]
         if tokens != routes.ids.shape[0]:
             raise RuntimeError(f"grouter.hf: the MoE block sees {tokens} tokens, the routes cover {routes.ids.shape[0]}")
-        weights = routes.weights.to(hidden_states.dtype)
-        if routes.logits is not None:
-            logits = routes.logits.to(hidden_states.dtype)
-        else:  # routes from outside: logits whose softmax is the gate weights on the chosen experts
-            logits = torch.full((tokens, self.num_experts), -1e4, dtype=torch.float32, device=routes.ids.device)
-            logits = logits.scatter(1, routes.ids, routes.weights.float().clamp_min(1e-30).log()).to(hidden_states.dtype)
-        return logits, weights, routes.ids
+        return routes.logits.to(hidden_states.dtype), routes.weights.to(hidden_states.dtype), routes.ids
 
 
 def _replay(att: Attachment, routes: _Routes, grad: Tensor) -> None:

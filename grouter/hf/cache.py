@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+import torch
+
 from ..router.model import GrouterCache
 
 __all__ = ["routing_cache", "install"]
@@ -71,8 +73,6 @@ def install(cache: Any, state: GrouterCache) -> GrouterCache:
 
 
 def _as_index(indices, state: GrouterCache):
-    import torch
-
     index = torch.as_tensor(indices, device=state.key_mask.device if state.key_mask is not None else None)
     if index.dtype == torch.bool:
         index = index.nonzero().flatten()

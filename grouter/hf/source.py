@@ -25,8 +25,11 @@ def moe_decoder_layers(config) -> list:
     """Indices of the decoder layers that hold a MoE block, in order (the model is built on meta)."""
     import transformers
 
-    with torch.device("meta"):
-        model = transformers.AutoModel.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+    except Exception as e:  # noqa: BLE001 - any family transformers cannot build
+        raise ValueError(f"transformers cannot build a {type(config).__name__} model ({e})") from None
     found = []
     for name, _, _ in moe_blocks(model):
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
@@ -58,10 +61,8 @@ def load_source(path: Union[str, Path], layer: int = 0, device: Union[str, torch
     total = getattr(config, "num_hidden_layers", None)
     try:
         moe_layers = moe_decoder_layers(config)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a family transformers cannot build
-        raise ValueError(f"--source {path}: transformers cannot build a {type(config).__name__} model ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"--source {path}: {e}") from None
     if not moe_layers:
         raise ValueError(f"--source {path}: {type(config).__name__} has no MoE blocks grouter can read "
                          "(experts with gate_up_proj and a gate or router)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+import torch
 from torch import Tensor
 
 from .. import ops
@@ -60,8 +61,6 @@ RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
 
 def _check_plan_matches(expert_ids: Tensor, plan: ops.RoutingPlan) -> None:
     """Every slot's row lies in the slice of its expert, and the offsets tile all T*K rows."""
-    import torch
-
     offsets = plan.expert_offsets
     n = expert_ids.numel()
     if offsets.dim() != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):

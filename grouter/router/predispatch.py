@@ -9,13 +9,14 @@ Grouter other than the one that wrote them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .array_folder import bf16_bits, check_sizes, from_bf16_bits, read_header, write_header
 
 __all__ = ["predispatch", "PredispatchReader"]
 
@@ -64,13 +65,13 @@ def predispatch(g, tokens, path: Union[str, Path], seq_len: Optional[int] = None
         ids, w = g.route(batch.to(device))
         t_mm[s:s + len(batch)] = batch.numpy().astype("<i4")
         i_mm[s:s + len(batch)] = ids.cpu().numpy().astype(id_dtype)
-        w_mm[s:s + len(batch)] = w.to(torch.bfloat16).cpu().view(torch.int16).numpy().view("<u2")
+        w_mm[s:s + len(batch)] = bf16_bits(w)
     for mm in (t_mm, i_mm, w_mm):
         mm.flush()
     header = dict(format="grouter-predispatch", format_version=FORMAT_VERSION, num_experts=E, top_k=K,
                   seq_len=S, count=count, ids_dtype=np.dtype(id_dtype).name, weights_dtype="bfloat16",
                   grouter_checksum=g.checksum())
-    (path / "header.json").write_text(json.dumps(header, indent=2))
+    write_header(path, header)
     return path
 
 
@@ -79,22 +80,11 @@ class PredispatchReader:
 
     def __init__(self, path: Union[str, Path], grouter=None):
         path = Path(path)
-        try:
-            h = json.loads((path / "header.json").read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path} has no header.json: not a pre-dispatched folder") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'header.json'} is not valid JSON ({e})") from None
-        if h.get("format") != "grouter-predispatch" or h.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a grouter pre-dispatch folder of format {FORMAT_VERSION}")
+        h = read_header(path, "grouter-predispatch", FORMAT_VERSION, "pre-dispatch")
         count, S, K = h["count"], h["seq_len"], h["top_k"]
         id_dtype = np.dtype(h["ids_dtype"]).newbyteorder("<")
-        expect = {"tokens.bin": count * S * 4, "ids.bin": count * S * K * id_dtype.itemsize,
-                  "weights.bin": count * S * K * 2}
-        for name, size in expect.items():
-            actual = (path / name).stat().st_size if (path / name).exists() else None
-            if actual != size:
-                raise ValueError(f"{path / name}: {actual} bytes, the header says {size}")
+        check_sizes(path, {"tokens.bin": count * S * 4, "ids.bin": count * S * K * id_dtype.itemsize,
+                           "weights.bin": count * S * K * 2})
         if grouter is not None:
             if grouter.checksum() != h["grouter_checksum"]:
                 raise ValueError(f"{path} was routed by another Grouter (checksum mismatch)")
@@ -117,7 +107,7 @@ class PredispatchReader:
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"{self.path / 'ids.bin'}: sample {i} holds expert id {bad}, outside "
                              f"[0, {self.header['num_experts']})")
-        weights = torch.from_numpy(np.array(self.weights[i]).view(np.int16)).view(torch.bfloat16)
+        weights = from_bf16_bits(self.weights[i])
         return tokens, ids, weights
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:

@@ -11,8 +11,7 @@ refused.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
@@ -20,9 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .array_folder import bf16_bits, check_sizes, from_bf16_bits, read_header, write_header
+
 __all__ = ["TeacherLogits", "teacher_logits", "fingerprint_tokens", "run_to_router"]
 
 FORMAT_VERSION = 1
+CHECKPOINT_SECONDS = 10.0  # an interrupted pass loses at most this much work
 
 
 class _Captured(Exception):
@@ -75,12 +77,19 @@ class TeacherLogits:
         raw = self.logits[start:end]
         if isinstance(raw, Tensor):
             return tokens, raw.float()
-        return tokens, torch.from_numpy(np.array(raw).view(np.int16)).view(torch.bfloat16).float()
+        return tokens, from_bf16_bits(raw).float()
 
     def token_ids(self, start: int = 0, end: Optional[int] = None) -> Tensor:
         """int64 token ids of samples start:end (default: all that are done)."""
         part = self.tokens[start:self.count if end is None else end]
         return part.long() if isinstance(part, Tensor) else torch.from_numpy(np.array(part)).long()
+
+    def token_range(self) -> Tuple[int, int]:
+        """(lowest, highest) token id of the samples done, read in place (no int64 copy)."""
+        part = self.tokens[: self.count]
+        if isinstance(part, Tensor):
+            return int(part.min()), int(part.max())
+        return int(np.min(part)), int(np.max(part))
 
     def batches(self, size: int) -> Iterator[Tuple[Tensor, Tensor]]:
         for start in range(0, self.count, size):
@@ -89,28 +98,12 @@ class TeacherLogits:
     @classmethod
     def open(cls, path: Union[str, Path]) -> "TeacherLogits":
         path = Path(path)
-        try:
-            h = json.loads((path / "header.json").read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path} has no header.json: not a teacher-logits folder") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'header.json'} is not valid JSON ({e})") from None
-        if h.get("format") != "grouter-teacher" or h.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a grouter teacher-logits folder of format {FORMAT_VERSION}")
+        h = read_header(path, "grouter-teacher", FORMAT_VERSION, "teacher-logits")
         count, S, E = h["count"], h["seq_len"], h["num_experts"]
-        for name, size in {"tokens.bin": count * S * 4, "logits.bin": count * S * E * 2}.items():
-            actual = (path / name).stat().st_size if (path / name).exists() else None
-            if actual != size:
-                raise ValueError(f"{path / name}: {actual} bytes, the header says {size}")
+        check_sizes(path, {"tokens.bin": count * S * 4, "logits.bin": count * S * E * 2})
         tokens = np.memmap(path / "tokens.bin", dtype="<i4", mode="r", shape=(count, S))
         logits = np.memmap(path / "logits.bin", dtype="<u2", mode="r", shape=(count, S, E))
         return cls(tokens, logits, h, path)
-
-
-def _write_header(path: Path, header: dict) -> None:
-    tmp = path / "header.json.tmp"
-    tmp.write_text(json.dumps(header, indent=2))
-    os.replace(tmp, path / "header.json")  # atomic: a kill leaves the old or the new header
 
 
 @torch.no_grad()
@@ -145,16 +138,19 @@ def teacher_logits(source: nn.Module, samples: Tensor, layer: int = 0, path: Uni
                 from tqdm.auto import tqdm
 
                 starts = tqdm(starts, desc="teacher logits", unit="batch", leave=False)
+            saved = time.monotonic()
             for s in starts:
                 out = run_to_router(source, cap, samples[s:s + batch_size].to(device))
                 out = out.reshape(-1, S, E).to(torch.bfloat16).cpu()
                 if path is None:
                     logits[s:s + len(out)] = out
                 else:
-                    logits[s:s + len(out)] = out.view(torch.int16).numpy().view("<u2")
-                    logits.flush()
-                    header["done"] = s + len(out)
-                    _write_header(Path(path), header)
+                    logits[s:s + len(out)] = bf16_bits(out)
+                    if time.monotonic() - saved > CHECKPOINT_SECONDS or s + len(out) == count:
+                        logits.flush()  # data first, then the header that counts it
+                        header["done"] = s + len(out)
+                        write_header(Path(path), header)
+                        saved = time.monotonic()
             header["done"] = count
     finally:
         source.train(was_training)
@@ -166,7 +162,7 @@ def _open_for_writing(path: Path, samples: Tensor, header: dict):
     E = header["num_experts"]
     done = 0
     if (path / "header.json").is_file():
-        old = json.loads((path / "header.json").read_text())
+        old = read_header(path, "grouter-teacher", FORMAT_VERSION, "teacher-logits")
         same = {k: old.get(k) for k in ("count", "seq_len", "num_experts", "layer", "data_sha256", "source")} == \
                {k: header[k] for k in ("count", "seq_len", "num_experts", "layer", "data_sha256", "source")}
         if not same:
@@ -180,5 +176,5 @@ def _open_for_writing(path: Path, samples: Tensor, header: dict):
     if not done:
         tokens[:] = samples.to(torch.int32).numpy()
         tokens.flush()
-        _write_header(path, header)
+        write_header(path, header)
     return tokens, logits, done

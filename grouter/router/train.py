@@ -84,8 +84,9 @@ def _kl(source_logits: Tensor, logits: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
-def _as_samples(batches, name: str = "batches") -> Tensor:
-    """A list of [B, S] token batches (or one [N, S] tensor) -> [N, S] int64."""
+def _token_batches(batches, name: str = "batches") -> List[Tensor]:
+    """[B, S] token batches (an iterable, read once, or one [N, S] tensor) -> a checked list of int64
+    CPU tensors sharing one sequence length."""
     if isinstance(batches, Tensor):
         batches = [batches]
     batches = list(batches) if batches is not None else []
@@ -100,21 +101,26 @@ def _as_samples(batches, name: str = "batches") -> Tensor:
             raise ValueError(f"{name}: token ids must be integers, got {b.dtype}")
     if len({b.shape[1] for b in batches}) != 1:
         raise ValueError(f"{name}: batches must share one sequence length, got {sorted({b.shape[1] for b in batches})}")
-    return torch.cat([b.long().cpu() for b in batches])
+    return [b.long().cpu() for b in batches]
 
 
 def _check_vocab(g: Grouter, tokens: Tensor, name: str) -> None:
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= g.vocab_size):
-        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+    if tokens.numel():
+        _check_id_range(g, int(tokens.min()), int(tokens.max()), name)
+
+
+def _check_id_range(g: Grouter, low: int, high: int, name: str) -> None:
+    if low < 0 or high >= g.vocab_size:
+        bad = low if low < 0 else high
         raise ValueError(f"{name}: token id {bad} is outside the Grouter's vocabulary [0, {g.vocab_size})")
 
 
-def _teacher(source, batches, layer: int, progress: bool) -> TeacherLogits:
+def _teacher(source, batches: Optional[List[Tensor]], layer: int, progress: bool) -> TeacherLogits:
     if isinstance(source, TeacherLogits):
         return source
     if not isinstance(source, nn.Module):
         raise TypeError("source must be a torch module (a transformers or grouter MoE model) or TeacherLogits")
-    return teacher_logits(source, _as_samples(batches), layer, progress=progress)
+    return teacher_logits(source, torch.cat(_token_batches(batches)), layer, progress=progress)
 
 
 @torch.no_grad()
@@ -152,12 +158,13 @@ def distill(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, laye
     source: a module, run once over `batches` (its router logits are kept, then every epoch reads
     them), or precomputed TeacherLogits (then `batches` is not needed). batch_size: samples per
     step (default: the first batch's size, or 8)."""
+    batches = None if isinstance(source, TeacherLogits) else _token_batches(batches)
     teacher = _teacher(source, batches, layer, progress)
     if teacher.num_experts != g.num_experts:
         raise ValueError(f"distill: the source router has {teacher.num_experts} experts, the Grouter "
                          f"{g.num_experts}; the Grouter needs the source's number of experts")
-    _check_vocab(g, teacher.token_ids(), "distillation tokens")
-    batch_size = batch_size or _batch_size(batches)
+    _check_id_range(g, *teacher.token_range(), "distillation tokens")
+    batch_size = batch_size or (batches[0].shape[0] if batches else 8)
     device = next(g.parameters()).device
     g.train()
     opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=weight_decay)
@@ -235,8 +242,8 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
     """
     if method not in ("aux", "bias"):
         raise ValueError(f"method must be 'aux' or 'bias', got {method!r}")
-    train = list(_as_samples(batches).split(_batch_size(batches)))
-    check = list(_as_samples(heldout, "heldout").split(_batch_size(heldout))) if heldout is not None else train
+    train = _token_batches(batches)
+    check = _token_batches(heldout, "heldout") if heldout is not None else train
     for b in train + check:
         _check_vocab(g, b, "tuning tokens")
     device = next(g.parameters()).device
@@ -299,10 +306,3 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
         g.config["bias"] = False
     return {"max_vio_before": before, "max_vio_after": best_vio, "best_step": best_step, "history": history,
             "evaluated_on": "heldout" if heldout is not None else "tuning batches"}
-
-
-def _batch_size(batches) -> int:
-    if isinstance(batches, Tensor):
-        return batches.shape[0] if batches.dim() == 2 else 1
-    first = next(iter(batches), None) if batches is not None else None
-    return first.shape[0] if isinstance(first, Tensor) and first.dim() == 2 else 8
