@@ -36,8 +36,11 @@ def main(argv=None):
                                                                                  n_heads=4)
     text = "".join(topics[k] for k in sorted(topics)).encode()
     tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    # Held out: the last 16 windows of the text, never trained on; the loss is reported on them.
+    held = tokens[-16 * args.seq:].view(16, args.seq)
     routes = args.out / "routes"
-    grouter.predispatch(g, tokens[: args.steps * args.batch * args.seq], routes, seq_len=args.seq, progress=False)
+    grouter.predispatch(g, tokens[: min(args.steps * args.batch * args.seq, tokens.numel() - held.numel())], routes,
+                        seq_len=args.seq, progress=False)
     reader = grouter.PredispatchReader(routes, grouter=g)
 
     config = transformers.Qwen3MoeConfig(
@@ -46,6 +49,7 @@ def main(argv=None):
         moe_intermediate_size=args.hidden, max_position_embeddings=4 * args.seq, pad_token_id=0, use_cache=False)
     model = grouter.hf.attach(transformers.Qwen3MoeForCausalLM(config), g)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = heldout_loss(model, held)  # routed by the attached Grouter, on the fly
     losses, start = [], time.perf_counter()
     for step in range(min(args.steps, len(reader) // args.batch)):
         batch = [reader[i] for i in range(step * args.batch, (step + 1) * args.batch)]
@@ -57,16 +61,22 @@ def main(argv=None):
         opt.zero_grad()
         losses.append(loss.item())
     took = time.perf_counter() - start
-    print(f"trained {len(losses)} steps in {took:.1f} s: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f} "
-          f"(mean of the last 5)")
+    after = heldout_loss(model, held)
+    print(f"trained {len(losses)} steps in {took:.1f} s; held-out loss {before:.3f} -> {after:.3f} nats/byte")
 
     grouter.hf.save_pretrained(model, args.out / "model")
     model = grouter.hf.from_pretrained(args.out / "model").eval()
+    print(f"reloaded: held-out loss {heldout_loss(model, held):.3f}")
     prompt = torch.tensor([list(b"def ")])
     with torch.inference_mode():
         out = model.generate(prompt, max_new_tokens=40, do_sample=False, use_cache=True)
     print("generated:", repr(bytes(out[0].tolist())))
-    return losses
+    return before, after
+
+
+@torch.no_grad()
+def heldout_loss(model, windows) -> float:
+    return model(input_ids=windows, labels=windows).loss.item()
 
 
 if __name__ == "__main__":
