@@ -1,9 +1,9 @@
 """Expert parallelism on gloo, 2 and 4 ranks on one machine: placement and routes known ahead.
 
-    python bench/bench_parallel.py [--grouter DIR] [--ranks 2 4] [--steps 10] [--seq 128] [--placement-only]
+    python bench/bench_parallel.py [--demo DIR] [--ranks 2 4] [--steps 10] [--seq 128] [--placement-only]
 
-Routes come from a distilled Grouter (default: the `grouter demo` output in ./grouter_demo, else
-a quick source + distillation made here and cached in bench/.grouter_quick) on the demo corpus.
+Routes come from a `grouter demo` output (default ./grouter_demo, else `grouter demo --quick` run
+here into bench/.grouter_quick): its distilled Grouter of seed 0 routing its BPE-token corpus.
 
 1. Pairs crossing ranks: the fraction of token-expert pairs whose expert lives on another rank
    than their sequence, for contiguous vs affinity placement, without and with sample assignment
@@ -45,27 +45,24 @@ CONFIGS = {  # name: (placement, sample assignment, routes known ahead)
 # Parent: routes, placement analysis, launches.
 
 
-def load_grouter(path):
+def load_demo(path):
+    """(the demo's seed-0 Grouter, its token corpus, where they came from)."""
     from grouter import Grouter
+    from grouter.demo import run_demo
+    from grouter.demo.subwords import load_token_corpus
 
-    candidates = [path] if path else ["grouter_demo/stages/grouter", str(Path(__file__).parent / ".grouter_quick")]
+    candidates = [path] if path else ["grouter_demo", str(Path(__file__).parent / ".grouter_quick")]
     for c in candidates:
-        if c and (Path(c) / "config.json").exists():
-            return Grouter.load(c), c
-    if path:
-        raise SystemExit(f"bench_parallel: no Grouter in {path}")
-    return quick_grouter(Path(candidates[-1])), candidates[-1] + " (made now)"
-
-
-def quick_grouter(out: Path):
-    """The demo's quick preset: source MoE LM, then a causal Grouter distilled, folded and tuned."""
-    from grouter.demo.pipeline import PRESETS, Pipeline
-
-    p = Pipeline(out.parent / ".grouter_quick_run", PRESETS["quick"], None, "cpu", True, 1, progress=False)
-    source, _ = p.source()
-    grouters, _ = p.grouters(source)
-    grouters["grouter"].save(out)
-    return grouters["grouter"]
+        if (Path(c) / "stages" / "grouter_s0" / "config.json").exists():
+            break
+    else:
+        if path:
+            raise SystemExit(f"bench_parallel: no finished demo in {path}")
+        c = candidates[-1]
+        run_demo(c, quick=True, resume=True, progress=False)
+        c += " (made now)"
+    root = Path(c.split(" (")[0]) / "stages"
+    return Grouter.load(root / "grouter_s0"), load_token_corpus(root / "tokens"), c
 
 
 def best_of_all_placements(ids, E, W):
@@ -140,7 +137,7 @@ def launch(W, inputs, args):
 
 def main():
     p = argparse.ArgumentParser(description="expert parallelism on gloo: placement and routes known ahead")
-    p.add_argument("--grouter")
+    p.add_argument("--demo", help="a finished `grouter demo` output folder (default: ./grouter_demo)")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -156,13 +153,11 @@ def main():
     if args.worker:
         return worker(args)
 
-    from grouter.demo.corpus import Corpus, load_corpus
-
-    g, where = load_grouter(args.grouter)
+    g, corpus, where = load_demo(args.demo)
     g.eval()
-    corpus = Corpus(*load_corpus())
-    print(f"routes: Grouter {where} ({g.num_experts} experts, top-{g.top_k}, "
-          f"{'causal' if g.causal else 'bidirectional'}), {args.seq}-byte sequences of the demo corpus")
+    print(f"routes: the Grouter of demo {where} ({g.num_experts} experts, top-{g.top_k}, "
+          f"{'causal' if g.causal else 'bidirectional'}), {args.seq}-token sequences of its BPE corpus "
+          f"(vocabulary {corpus.vocab_size})")
     rows, A = placement_table(g, corpus, args.seq)
     print("\nToken-expert pairs crossing ranks (256 sequences)\n")
     print("| ranks | contiguous | contiguous + assign | affinity | affinity + assign | cut | best placement + assign |")

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--grouter", help="a saved Grouter (e.g. a demo's out/stages/grouter); default: a fresh one")
+    p.add_argument("--grouter", help="a saved Grouter over bytes (vocabulary 256); default: a fresh one")
     p.add_argument("--placement", choices=("affinity", "contiguous"), default="affinity")
     p.add_argument("--no-assign", action="store_true", help="keep sequences in data order (no sample assignment)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -62,6 +62,8 @@ def main(argv=None) -> float:
     torch.manual_seed(args.seed)
     if args.grouter:
         g = Grouter.load(args.grouter)
+        if g.vocab_size != VOCAB:
+            raise SystemExit(f"--grouter: this example routes bytes; {args.grouter} reads {g.vocab_size} token ids")
     else:
         g = Grouter(VOCAB, args.experts, args.top_k, d_model=64, n_layers=1, n_heads=2)
     g = g.to(device).eval().requires_grad_(False)

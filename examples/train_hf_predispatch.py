@@ -1,9 +1,9 @@
 """Train a transformers MoE language model on pre-dispatched Grouter routes, save it, generate.
 
-    python examples/train_hf_predispatch.py [--grouter grouter_demo/stages/grouter] [--steps 60]
+    python examples/train_hf_predispatch.py [--grouter DIR] [--steps 60]
 
-Bytes of Python's own documentation (`pydoc_data.topics`) are cut into windows; a Grouter (the
-demo's distilled one with --grouter, else a fresh one) routes them once, offline, into a
+Bytes of Python's own documentation (`pydoc_data.topics`) are cut into windows; a Grouter (a saved
+byte-level one with --grouter, else a fresh one) routes them once, offline, into a
 pre-dispatch folder. A small Qwen3-MoE is attached to the Grouter and trained from the stored
 routes (`grouter.hf.set_routes` before each step: no Grouter work in the training loop), saved
 with its Grouter, loaded back and asked to continue a prompt with the KV cache.
@@ -34,6 +34,8 @@ def main(argv=None):
 
     g = grouter.Grouter.load(args.grouter) if args.grouter else grouter.Grouter(256, 8, 2, d_model=64, n_layers=2,
                                                                                  n_heads=4)
+    if g.vocab_size != 256:  # the demo's Grouters read BPE tokens, this example bytes
+        raise SystemExit(f"--grouter: this example routes bytes; {args.grouter} reads {g.vocab_size} token ids")
     text = "".join(topics[k] for k in sorted(topics)).encode()
     tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     # Held out: the last 16 windows of the text, never trained on; the loss is reported on them.

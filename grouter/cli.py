@@ -224,14 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_formatter)
 
     p = command("demo", "the whole method end to end on an embedded corpus, with a report")
-    p.add_argument("--quick", action="store_true", help="a small run (about a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a small run (under a minute on 2 cores); same as "
+                   "--preset quick")
     p.add_argument("--out", default="grouter_demo", help="output folder")
     p.add_argument("--corpus", default=None, help="a text file or folder instead of the embedded corpus")
-    p.add_argument("--preset", default="default", help="default, or fine (64 experts top-8 folded to 32)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds for learned_aux and grouter (default 2)")
+    p.add_argument("--preset", default="default", choices=["default", "quick", "fine", "gpu"],
+                   help="default (about 15 minutes on 2 cores), quick, fine (64 experts top-8 folded to 32), gpu (a "
+                   "larger model for one GPU, with --device cuda)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of grouter, hash_balanced and learned_aux (default: "
+                   "3; quick 2); the controls keep theirs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--resume", action="store_true", help="keep finished stages found in --out")
-    p.add_argument("--jobs", type=int, default=None, help="target runs at a time (default: 2 on a CPU)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs (trainings) at a time, one thread each (default: 2 "
+                   "on a CPU with 2 or more cores, 1 on a GPU)")
     p.set_defaults(func=cmd_demo)
 
     p = command("distill", "distil a Grouter from a transformers MoE model's router")

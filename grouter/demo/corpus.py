@@ -47,20 +47,11 @@ def load_corpus(path: Optional[str] = None) -> Tuple[bytes, str]:
     raise ValueError(f"no such corpus: {p}")
 
 
-class Corpus:
-    """Train/validation split by blocks, with window samplers."""
+class Windows:
+    """Token windows over a train and a validation stream (1-D int64 tensors)."""
 
-    def __init__(self, data: bytes, description: str, val_every: int = 20):
-        arr = np.frombuffer(data, dtype=np.uint8)
-        n_blocks = len(arr) // BLOCK
-        if n_blocks < 2 * val_every:
-            raise ValueError(f"the corpus has {len(arr)} bytes; it needs at least {2 * val_every * BLOCK}")
-        blocks = arr[: n_blocks * BLOCK].reshape(n_blocks, BLOCK)
-        is_val = np.arange(n_blocks) % val_every == val_every - 1
-        self.train = torch.from_numpy(blocks[~is_val].reshape(-1).astype(np.int64))
-        self.val = torch.from_numpy(blocks[is_val].reshape(-1).astype(np.int64))
-        self.description = description
-        self.bytes = len(arr)
+    train: torch.Tensor
+    val: torch.Tensor
 
     def train_batches(self, seed: int, batch: int, seq: int):
         """An endless stream of [batch, seq] training windows, the same for every run of a seed."""
@@ -72,5 +63,32 @@ class Corpus:
 
     def val_windows(self, count: int, seq: int) -> torch.Tensor:
         """[count, seq] windows at evenly spaced offsets across the whole held-out set."""
+        if self.val.numel() < seq + 1:
+            raise ValueError(f"the validation split holds {self.val.numel()} tokens, less than one window of {seq}")
         starts = np.linspace(0, self.val.numel() - seq - 1, count).astype(np.int64)
         return torch.stack([self.val[s:s + seq] for s in starts.tolist()])
+
+
+class Corpus(Windows):
+    """Train/validation split by blocks of bytes (vocabulary 256), with window samplers.
+
+    max_bytes keeps evenly spaced blocks only (a smaller corpus that still spans the whole text).
+    """
+
+    def __init__(self, data: bytes, description: str, val_every: int = 20, max_bytes: Optional[int] = None):
+        arr = np.frombuffer(data, dtype=np.uint8)
+        n_blocks = len(arr) // BLOCK
+        if n_blocks < 2 * val_every:
+            raise ValueError(f"the corpus has {len(arr)} bytes; it needs at least {2 * val_every * BLOCK}")
+        blocks = arr[: n_blocks * BLOCK].reshape(n_blocks, BLOCK)
+        if max_bytes is not None and max_bytes < len(arr):
+            keep = max(2 * val_every, max_bytes // BLOCK)
+            blocks = blocks[np.linspace(0, n_blocks - 1, keep).astype(np.int64)]
+            n_blocks = keep
+        is_val = np.arange(n_blocks) % val_every == val_every - 1
+        self.train_bytes = blocks[~is_val].reshape(-1)
+        self.val_bytes = blocks[is_val].reshape(-1)
+        self.train = torch.from_numpy(self.train_bytes.astype(np.int64))
+        self.val = torch.from_numpy(self.val_bytes.astype(np.int64))
+        self.description = description
+        self.bytes = len(arr)

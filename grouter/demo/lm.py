@@ -1,12 +1,13 @@
-"""The demo's byte-level MoE language model and the routings it is trained with.
+"""The demo's MoE language model and the routings it is trained with.
 
 Every run builds the same model from the same seed: embedding -> N blocks (causal attention,
 then a grouter.nn.MoE in place of the MLP) -> RMSNorm -> head. What differs is the routing:
 
   learned_aux   a softmax top-k router per layer, trained with the load-balancing loss
   learned_bias  a sigmoid top-k router per layer with an aux-loss-free expert bias
-  hash          a fixed, balanced table token id -> K experts
-  grouter*      a frozen Grouter's routes, computed once per step and shared by all layers
+  hash          a fixed table token id -> K experts, every expert serving as many ids
+  hash_balanced the paper's Balanced Hash: ids assigned so every expert serves as many tokens
+  grouter*      a frozen Grouter's routes (pre-dispatched before training), shared by all layers
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..nn.attention import Attention
 from .corpus import VOCAB
 
 AUX_LOSS_COEF = 0.01
+EVAL_BATCH = 32  # validation windows per forward
 
 
 class _Block(nn.Module):
@@ -38,15 +40,15 @@ class _Block(nn.Module):
 
 class MoELM(nn.Module):
     def __init__(self, d_model: int, n_layers: int, n_heads: int, num_experts: int, top_k: int, d_expert: int,
-                 seed: int, router: Optional[str] = None):
+                 seed: int, router: Optional[str] = None, vocab: int = VOCAB):
         super().__init__()
         torch.manual_seed(seed)  # the same weights for every routing of a seed
-        self.num_experts, self.top_k = num_experts, top_k
-        self.embed = nn.Embedding(VOCAB, d_model)
+        self.num_experts, self.top_k, self.vocab = num_experts, top_k, vocab
+        self.embed = nn.Embedding(vocab, d_model)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, MoE(d_model, d_expert, num_experts, top_k))
                                     for _ in range(n_layers))
         self.norm = nn.RMSNorm(d_model)
-        self.head = nn.Linear(d_model, VOCAB, bias=False)
+        self.head = nn.Linear(d_model, vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         if router is not None:  # drawn after the shared weights, from their own seed
             torch.manual_seed(seed + 7919)
@@ -77,29 +79,47 @@ class MoELM(nn.Module):
         return sum(losses) / len(losses) if losses else torch.zeros(())
 
 
-def hash_table(num_experts: int, top_k: int, seed: int = 0) -> Tensor:
-    """[VOCAB, K] distinct experts per token id: expert (base[v] + j) mod E for j < K, with base a
+def hash_table(num_experts: int, top_k: int, seed: int = 0, vocab: int = VOCAB) -> Tensor:
+    """[vocab, K] distinct experts per token id: expert (base[v] + j) mod E for j < K, with base a
     shuffled, balanced assignment, so every expert serves the same number of ids (+-1)."""
     g = torch.Generator().manual_seed(seed)
-    base = (torch.arange(VOCAB) % num_experts)[torch.randperm(VOCAB, generator=g)]
+    base = (torch.arange(vocab) % num_experts)[torch.randperm(vocab, generator=g)]
     return (base[:, None] + torch.arange(top_k)) % num_experts
+
+
+def balanced_hash_table(frequencies: Tensor, num_experts: int, top_k: int) -> Tensor:
+    """[vocab, K] distinct experts per token id, balanced by token frequency (the paper's Balanced
+    Hash): ids in falling frequency each take the K experts with the least load so far."""
+    if top_k > num_experts:
+        raise ValueError(f"top_k {top_k} > num_experts {num_experts}")
+    load = [0.0] * num_experts
+    table = [[0] * top_k for _ in range(frequencies.numel())]
+    freq = frequencies.double().tolist()
+    for v in torch.argsort(frequencies.double(), descending=True, stable=True).tolist():
+        chosen = sorted(range(num_experts), key=lambda e: (load[e], e))[:top_k]  # ties: lower id
+        table[v] = chosen
+        for e in chosen:
+            load[e] += freq[v]
+    return torch.tensor(table, dtype=torch.int64).reshape(-1, top_k)
 
 
 RouteFn = Callable[[Tensor], Tuple[Tensor, Tensor]]
 
 
-def fixed_router(kind: str, num_experts: int, top_k: int, grouter=None) -> RouteFn:
-    """input_ids [B, S] -> (ids [B*S, K], weights [B*S, K]) for the fixed routings."""
-    if kind == "hash":
-        table = hash_table(num_experts, top_k)
-        weights = torch.full((1, top_k), 1.0 / top_k)
+def table_router(table: Tensor) -> RouteFn:
+    """input_ids [B, S] -> (ids [B*S, K], equal weights [B*S, K]) from a token id -> experts table."""
+    top_k = table.shape[1]
+    weights = torch.full((1, top_k), 1.0 / top_k)
 
-        def route(input_ids: Tensor):
-            ids = table.to(input_ids.device)[input_ids.reshape(-1)]
-            return ids, weights.to(input_ids.device).expand(ids.shape[0], top_k)
+    def route(input_ids: Tensor):
+        ids = table.to(input_ids.device)[input_ids.reshape(-1)]
+        return ids, weights.to(input_ids.device).expand(ids.shape[0], top_k)
 
-        return route
+    return route
 
+
+def grouter_router(grouter) -> RouteFn:
+    """input_ids [B, S] -> (ids [B*S, K], weights [B*S, K]) from a frozen Grouter."""
     def route(input_ids: Tensor):
         ids, w = grouter.route(input_ids)
         return ids.reshape(-1, ids.shape[-1]), w.reshape(-1, w.shape[-1])
@@ -109,8 +129,20 @@ def fixed_router(kind: str, num_experts: int, top_k: int, grouter=None) -> Route
 
 @torch.no_grad()
 def leak_free_routes(grouter, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
-    """Routes an autoregressive model could compute: position t routed from tokens <= t only."""
+    """Routes an autoregressive model could compute: position t routed from tokens <= t only.
+
+    A causal Grouter decodes incrementally with its cache (what generation does); a bidirectional
+    one is run once per prefix.
+    """
     B, S = input_ids.shape
+    if getattr(grouter, "causal", False):
+        from ..router import GrouterCache
+
+        cache, parts = GrouterCache(), []
+        for t in range(S):
+            parts.append(grouter.route(input_ids[:, t:t + 1], cache=cache))
+        ids, weights = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return ids.reshape(B * S, -1), weights.reshape(B * S, -1)
     ids, weights = [], []
     for t in range(S):
         i, w = grouter.route(input_ids[:, : t + 1])
@@ -120,23 +152,22 @@ def leak_free_routes(grouter, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: MoELM, windows: Tensor, route: Optional[RouteFn] = None, batch: int = 16,
-             routes: Optional[List[Tuple[Tensor, Tensor]]] = None) -> float:
-    """Mean next-byte cross-entropy (nats) over validation windows."""
+def evaluate(model: MoELM, windows: Tensor, token_bytes: Optional[Tensor] = None,
+             routes: Optional[List[Tuple[Tensor, Tensor]]] = None, batch: int = EVAL_BATCH) -> float:
+    """Next-token cross-entropy over validation windows in nats per byte: summed over the predicted
+    tokens and divided by the bytes they decode to (token_bytes; None: one byte per token). routes:
+    a fixed routing's (ids, weights) per batch of `batch` windows (None: the model's own routers)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for i, start in enumerate(range(0, windows.shape[0], batch)):
         x = windows[start:start + batch]
-        routing = None
-        if routes is not None:
-            routing = Routing.prepare(*routes[i], model.num_experts)
-        elif route is not None:
-            routing = Routing.prepare(*route(x), model.num_experts)
+        routing = Routing.prepare(*routes[i], model.num_experts) if routes is not None else None
         logits = model(x, routing)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
+        target = x[:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), target.reshape(-1), reduction="sum")
         total += float(loss)
-        count += x[:, 1:].numel()
+        count += int(token_bytes.to(target.device)[target].sum()) if token_bytes is not None else target.numel()
     model.train(was)
     return total / count
 

@@ -5,65 +5,89 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-BASELINES = ("learned_aux", "learned_bias", "hash")
-
-
-def tokens_to_reach(curve: List[List[float]], loss: float) -> Optional[float]:
-    """First token count at which a validation curve reaches `loss` (linear between eval points)."""
-    prev = None
-    for tokens, value in curve:
-        if value <= loss:
-            if prev is None or prev[1] == value:
-                return float(tokens)
-            t0, v0 = prev
-            return float(t0 + (tokens - t0) * (v0 - loss) / (v0 - value))
-        prev = (tokens, value)
-    return None
-
-
-def mean_curve(results: List[Dict]) -> List[List[float]]:
-    curves = [r["val_curve"] for r in results]
-    return [[curves[0][i][0], statistics.fmean(c[i][1] for c in curves)] for i in range(len(curves[0]))]
+from .config import BASELINES, GROUTER_RUNS
+from .stats import data_utilization, mean_ci, paired, verdict
 
 
 def summarize(results: List[Dict]) -> Dict:
+    """A run's seeds: mean curve with a 95% band per point, finals per seed, throughput, balance."""
+    curves = [r["val_curve"] for r in results]
     finals = [r["final_val_loss"] for r in results]
-    out = dict(val_curve=mean_curve(results), final_val_loss=statistics.fmean(finals),
+    points = [mean_ci([c[i][1] for c in curves]) for i in range(len(curves[0]))]
+    out = dict(val_curve=[[curves[0][i][0], p["mean"]] for i, p in enumerate(points)],
+               val_curve_ci95=[p["ci95"] for p in points],
+               final_val_loss=statistics.fmean(finals), final_val_loss_ci95=mean_ci(finals)["ci95"],
                final_val_loss_spread=(max(finals) - min(finals)) if len(finals) > 1 else None,
+               final_val_loss_per_seed=finals, seeds=len(results),
                tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in results),
-               max_vio=statistics.fmean(r["max_vio"] for r in results), seeds=len(results),
-               per_seed=[{k: v for k, v in r.items() if k != "load"} for r in results],
-               load=results[0]["load"])
+               max_vio=statistics.fmean(r["max_vio"] for r in results),
+               per_seed=[{k: v for k, v in r.items() if k != "load"} for r in results], load=results[0]["load"])
     if "leak_free_final_val_loss" in results[0]:
-        out["leak_free_final_val_loss"] = statistics.fmean(r["leak_free_final_val_loss"] for r in results)
+        lf = [r["leak_free_final_val_loss"] for r in results]
+        out.update(leak_free_final_val_loss=statistics.fmean(lf), leak_free_final_val_loss_per_seed=lf)
     return out
 
 
-def data_utilization(runs: Dict[str, Dict]) -> Dict[str, Dict]:
+def _by_seed(results: List[Dict], key: str = "final_val_loss") -> Dict[int, float]:
+    return {r["seed"]: r[key] for r in results}
+
+
+def comparisons(runs: Dict[str, List[Dict]]) -> List[Dict]:
+    """grouter - every other run, paired by seed (same initialisation and data order)."""
+    out = []
+    for b in runs:
+        if b != "grouter":
+            d = paired(_by_seed(runs["grouter"]), _by_seed(runs[b]))
+            out.append(dict(a="grouter", b=b, **d, verdict=verdict(d)))
+    return out
+
+
+def leak_audit(runs: Dict[str, List[Dict]]) -> Dict:
     out = {}
-    for name, run in runs.items():
-        if name in BASELINES:
-            continue
-        target = run["final_val_loss"]
-        own = tokens_to_reach(run["val_curve"], target)
-        reach = {b: tokens_to_reach(runs[b]["val_curve"], target) for b in BASELINES if b in runs}
-        reached = {b: t for b, t in reach.items() if t is not None}
-        if not reached:
-            best = min(BASELINES, key=lambda b: runs[b]["final_val_loss"])
-            budget = run["val_curve"][-1][0]
-            out[name] = dict(value=None, reason=f"no baseline reached {target:.4f} nats within {budget:,.0f} tokens "
-                             f"(best baseline final {runs[best]['final_val_loss']:.4f}); the ratio is at least "
-                             f"{budget / own:.2f}", lower_bound=budget / own)
-            continue
-        best = min(reached, key=reached.get)
-        out[name] = dict(value=reached[best] / own, best_baseline=best, baseline_tokens=reached[best], run_tokens=own,
-                         target_loss=target)
+    if "grouter_bidirectional" in runs and "grouter" in runs:
+        d = paired(_by_seed(runs["grouter_bidirectional"]), _by_seed(runs["grouter"]))
+        out["bidirectional_vs_causal"] = dict(
+            a="grouter_bidirectional", b="grouter", **d, verdict=verdict(d),
+            measures="both scored with the routes they trained with: what reading future tokens is worth to "
+                     "training and scoring together (the paper's encoder vs a Grouter generation can use)")
+    prefix = {}
+    for name in GROUTER_RUNS:
+        if name in runs:
+            d = paired(_by_seed(runs[name], "leak_free_final_val_loss"), _by_seed(runs[name]))
+            prefix[name] = dict(**d, measures="the same trained model scored with prefix-only routes minus with "
+                                "its own: 0 for a causal Grouter; for a bidirectional one, the leak plus a route "
+                                "distribution the model never trained on")
+    out["prefix_only_minus_own"] = prefix
     return out
 
 
-def _plots(out: Path, runs: Dict[str, Dict], grouters: Dict) -> List[str]:
+def utilisation(summary: Dict[str, Dict]) -> Dict[str, Dict]:
+    present = [b for b in BASELINES if b in summary]
+    best = min(present, key=lambda b: summary[b]["final_val_loss"])
+    out = {}
+    for name in GROUTER_RUNS:
+        if name in summary:
+            u = data_utilization(summary[name], best, summary[best])
+            u["best_baseline"] = True
+            if "learned_aux" in summary:
+                u["vs_learned_aux"] = data_utilization(summary[name], "learned_aux", summary["learned_aux"])
+            out[name] = u
+    return out
+
+
+def distill_summary(grouters: Dict[str, List[Dict]]) -> Dict:
+    keys = ("kl_before", "kl_after", "topk_agreement_before", "topk_agreement", "max_vio_folded", "max_vio_tuned")
+    per_run = {name: {k: statistics.fmean(m[k] for m in metas) for k in keys if k in metas[0]}
+               for name, metas in grouters.items()}
+    main = per_run.get("grouter", {})
+    return dict(heldout={k: main.get(k) for k in ("kl_before", "kl_after", "topk_agreement_before", "topk_agreement")},
+                tuning_heldout_max_vio=dict(before=main.get("max_vio_folded"), after=main.get("max_vio_tuned")),
+                per_run=per_run, evaluated_on="held-out validation windows (no stage trains on them)")
+
+
+def _plots(out: Path, summary: Dict[str, Dict], grouters: Dict) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,27 +95,30 @@ def _plots(out: Path, runs: Dict[str, Dict], grouters: Dict) -> List[str]:
     import numpy as np
 
     files = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in runs.items():
-        t, v = zip(*run["val_curve"])
-        ax.plot(np.array(t) / 1e6, v, marker="o", ms=3, label=f"{name} ({run['seeds']} seed{'s' * (run['seeds'] > 1)})")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, run in summary.items():
+        t, v = (np.array(a) for a in zip(*run["val_curve"]))
+        line, = ax.plot(t / 1e6, v, marker="o", ms=3, label=f"{name} ({run['seeds']} seed{'s' * (run['seeds'] > 1)})")
+        if all(ci is not None for ci in run["val_curve_ci95"]):
+            lo, hi = np.array(run["val_curve_ci95"]).T
+            ax.fill_between(t / 1e6, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("Validation loss vs tokens")
+    ax.set_title("Validation loss vs tokens (bands: 95% interval over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=110)
     plt.close(fig)
     files.append("val_loss.png")
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 2.8), sharey=True)
-    for ax, (name, run) in zip(np.atleast_1d(axes), runs.items()):
+    fig, axes = plt.subplots(1, len(summary), figsize=(2.2 * len(summary), 2.8), sharey=True)
+    for ax, (name, run) in zip(np.atleast_1d(axes), summary.items()):
         load = np.array(run["load"]).sum(0)
         share = load / max(load.sum(), 1)
         ax.bar(range(len(share)), share)
         ax.axhline(1 / len(share), color="k", lw=0.8, ls="--")
-        ax.set_title(f"{name}\nMaxVio {run['max_vio']:.2f}", fontsize=8)
+        ax.set_title(f"{name}\nMaxVio {run['max_vio']:.2f}", fontsize=7)
         ax.set_xlabel("expert")
     np.atleast_1d(axes)[0].set_ylabel("share of routed slots")
     fig.tight_layout()
@@ -99,17 +126,16 @@ def _plots(out: Path, runs: Dict[str, Dict], grouters: Dict) -> List[str]:
     plt.close(fig)
     files.append("expert_load.png")
 
-    if "grouter" in grouters:
-        A = np.array(grouters["grouter"]["affinity"])
-        groups = np.array(grouters["grouter"]["groups"])
+    if grouters.get("grouter"):
+        A = np.array(grouters["grouter"][0]["affinity"])
+        groups = np.array(grouters["grouter"][0]["groups"])
         order = np.argsort(groups, kind="stable")
         fig, ax = plt.subplots(figsize=(5, 4.5))
         im = ax.imshow(A[np.ix_(order, order)], cmap="viridis")
-        bounds = np.flatnonzero(np.diff(groups[order])) + 0.5
-        for b in bounds:
+        for b in np.flatnonzero(np.diff(groups[order])) + 0.5:
             ax.axhline(b, color="w", lw=0.8)
             ax.axvline(b, color="w", lw=0.8)
-        ax.set_title("Co-activation affinity (causal Grouter),\nexperts ordered by fold group")
+        ax.set_title("Co-activation affinity (grouter, seed 0),\nexperts ordered by fold group")
         ax.set_xticks(range(len(order)), order, fontsize=6)
         ax.set_yticks(range(len(order)), order, fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -120,81 +146,120 @@ def _plots(out: Path, runs: Dict[str, Dict], grouters: Dict) -> List[str]:
     return files
 
 
-def _verdict(runs: Dict[str, Dict], util: Dict[str, Dict]) -> List[str]:
-    lines = []
-    g, base = runs.get("grouter"), runs.get("learned_aux")
-    if g and base:
-        diff = g["final_val_loss"] - base["final_val_loss"]
-        spread = max(s for s in (g["final_val_loss_spread"], base["final_val_loss_spread"], 0.0) if s is not None)
-        if abs(diff) <= spread:
-            lines.append(f"The causal Grouter and the learned router with aux loss end within their seed spread "
-                         f"({diff:+.4f} nats, spread {spread:.4f}): no difference at this scale.")
-        else:
-            lines.append(f"The causal Grouter ends {abs(diff):.4f} nats {'below' if diff < 0 else 'above'} the learned "
-                         f"router with aux loss (seed spread {spread:.4f}).")
-    for name, u in util.items():
-        if u["value"] is None:
-            lines.append(f"`{name}`: data utilisation not reached: {u['reason']}.")
-        else:
-            lines.append(f"`{name}`: the best baseline (`{u['best_baseline']}`) needs {u['value']:.2f}x the tokens "
-                         f"to reach its final loss (paper: 4.28x).")
-    b = runs.get("grouter_bidirectional")
-    if b and "leak_free_final_val_loss" in b:
-        leak = b["leak_free_final_val_loss"] - b["final_val_loss"]
-        lines.append(f"Leak audit: the bidirectional Grouter's run scores {b['final_val_loss']:.4f} with the routes it "
-                     f"trained with and {b['leak_free_final_val_loss']:.4f} with routes computed from each prefix "
-                     f"only ({leak:+.4f} nats): the difference is what seeing future tokens was worth.")
-    c = runs.get("grouter")
-    if c and "leak_free_final_val_loss" in c:
-        lines.append(f"The causal Grouter's two numbers ({c['final_val_loss']:.4f} / "
-                     f"{c['leak_free_final_val_loss']:.4f}) coincide, as they must: its routes never see the future.")
-    return lines
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "n/a"
 
 
-def write_report(out: Path, cfg: Dict, runs: Dict[str, List[Dict]], source: Dict, grouters: Dict, cost: Dict,
-                 versions: Dict, paper: Dict, corpus: str, wall_seconds: float) -> Dict:
-    summary = {name: summarize(results) for name, results in runs.items()}
-    util = data_utilization(summary)
-    plots = _plots(out, summary, grouters)
-    report = dict(runs=summary, data_utilization=util, cost=cost, config=cfg,
-                  seeds={n: [r["seed"] for r in rs] for n, rs in runs.items()}, versions=versions, paper=paper,
-                  corpus=corpus, source=dict(final_val_loss=source["final_val_loss"], max_vio=source["max_vio"]),
-                  grouters={n: {k: v for k, v in m.items() if k not in ("affinity",)} for n, m in grouters.items()},
-                  wall_seconds=wall_seconds, plots=plots)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+def _util_text(u: Dict) -> str:
+    return f"{u['value']:.2f}x" if u["value"] is not None else "not reached"
 
-    rows = ["| run | seeds | final val loss | leak-free | tokens/s | MaxVio | data utilisation |",
-            "|---|---|---|---|---|---|---|"]
-    for name, r in summary.items():
-        spread = f" ± {r['final_val_loss_spread'] / 2:.4f}" if r["final_val_loss_spread"] else ""
-        lf = f"{r['leak_free_final_val_loss']:.4f}" if "leak_free_final_val_loss" in r else ""
-        u = util.get(name)
-        ut = "" if u is None else (f"{u['value']:.2f}x" if u["value"] is not None else "not reached")
-        rows.append(f"| {name} | {r['seeds']} | {r['final_val_loss']:.4f}{spread} | {lf} | {r['tokens_per_s']:,.0f} "
-                    f"| {r['max_vio']:.2f} | {ut} |")
-    cost_rows = ["| stage | tokens | seconds |", "|---|---|---|"]
-    cost_rows += [f"| {k} | {v['tokens']:,} | {v['seconds']:.0f} |" for k, v in cost.items()]
-    g = grouters.get("grouter", {})
-    md = [
+
+def _throughput_text(t: Dict) -> str:
+    tps = t["tokens_per_s"]
+    text = ", ".join(f"`{n}` {v:,.0f} tok/s" for n, v in tps.items())
+    ratio = (f"; grouter / learned_aux = {tps['grouter'] / tps['learned_aux']:.3f}"
+             if "grouter" in tps and "learned_aux" in tps else "")
+    return (f"Training steps measured side by side ({t['method']}, {t['steps']} steps each, {t['threads']} "
+            f"thread): {text}{ratio}. The Grouter runs read pre-dispatched routes (their cost is in the bill); "
+            "the tokens/s column above depends on what the other job ran beside each run.")
+
+
+def _markdown(r: Dict) -> str:
+    cfg, summary = r["config"], r["runs"]
+    rows = ["| run | seeds | final val loss (95% CI) | per seed | prefix-only routes | tokens/s | MaxVio | data "
+            "utilisation vs best / vs learned_aux |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        ci = s["final_val_loss_ci95"]
+        mean = f"{s['final_val_loss']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        seeds = ", ".join(f"{v:.4f}" for v in s["final_val_loss_per_seed"])
+        lf = f"{s['leak_free_final_val_loss']:.4f}" if "leak_free_final_val_loss" in s else ""
+        u = r["data_utilization"].get(name)
+        ut = f"{_util_text(u)} / {_util_text(u['vs_learned_aux'])}" if u and "vs_learned_aux" in u else ""
+        rows.append(f"| {name} | {s['seeds']} | {mean} | {seeds} | {lf} | {s['tokens_per_s']:,.0f} | "
+                    f"{s['max_vio']:.2f} | {ut} |")
+    comp = ["| a - b | seeds | mean diff | 95% CI | verdict |", "|---|---|---|---|---|"]
+    for c in r["comparisons"]:
+        md = f"{c['mean_diff']:+.4f}" if c["mean_diff"] is not None else "n/a"
+        comp.append(f"| {c['a']} - {c['b']} | {len(c['seeds'])} | {md} | {_ci(c['ci95'])} | {c['verdict']} |")
+    audit = []
+    bd = r["leak_audit"].get("bidirectional_vs_causal")
+    if bd:
+        audit.append(f"- grouter_bidirectional - grouter: {bd['mean_diff']:+.4f} nats/byte, 95% CI {_ci(bd['ci95'])} "
+                     f"({bd['verdict']}). Measures {bd['measures']}.")
+    for name, d in r["leak_audit"]["prefix_only_minus_own"].items():
+        audit.append(f"- {name}, prefix-only routes - own routes: {d['mean_diff']:+.4f}, 95% CI {_ci(d['ci95'])}.")
+    audit.append("- Prefix-only minus own measures " + next(iter(r["leak_audit"]["prefix_only_minus_own"].values()),
+                                                            {}).get("measures", "") + ".")
+    util = []
+    for name, u in r["data_utilization"].items():
+        for v in (u, u.get("vs_learned_aux")):
+            if v is None:
+                continue
+            text = (f"{v['value']:.2f}x (reaches {v['baseline']}'s final {v['baseline_final_val_loss']:.4f} after "
+                    f"{v['run_tokens']:,.0f} of {v['baseline_tokens']:,.0f} tokens)" if v["value"] is not None
+                    else f"none: {v['reason']}")
+            util.append(f"- `{name}` vs `{v['baseline']}`: {text}")
+    d, src, weak = r["distill"], r["source"], r["source_weak"]
+    h, tun = d["heldout"], d["tuning_heldout_max_vio"]
+    fmt = lambda x, p=3: "n/a" if x is None else f"{x:.{p}f}"  # noqa: E731
+    cost = ["| stage | tokens | seconds |", "|---|---|---|"]
+    cost += [f"| {k} | {v['tokens']:,} | {v['seconds']:.0f} |" for k, v in r["cost"].items()]
+    paper = r["paper"]
+    return "\n".join([
         "# grouter demo report", "",
-        f"Corpus: {corpus}. Model: d={cfg['d_model']}, {cfg['n_layers']} layers, "
-        f"{cfg['source_experts']} -> {cfg['target_experts']} experts top-{cfg['top_k']}, "
-        f"{cfg['target_tokens']:,} tokens per target run. Wall time {wall_seconds:.0f} s.", "",
-        "## Results", "", *rows, "",
-        "Validation loss in nats per byte (mean over seeds; ± half the seed range). Data utilisation: tokens the "
-        "best baseline needs to reach the run's final loss ÷ tokens the run needs.", "",
-        *[f"- {line}" for line in _verdict(summary, util)], "",
-        f"Distillation (held-out validation windows): KL to the source router {g.get('kl_before', float('nan')):.3f} -> "
-        f"{g.get('kl_after', float('nan')):.3f}, top-k agreement with the source's experts "
-        f"{g.get('topk_agreement', float('nan')):.3f}; tuning, held-out MaxVio {g.get('max_vio_folded', float('nan')):.2f} -> "
-        f"{g.get('max_vio_tuned', float('nan')):.2f} (paper: ~8 -> ~0.5).", "",
+        f"Corpus: {r['corpus']}; byte-level BPE, {r['tokenizer']['vocab_size']} tokens "
+        f"({r['tokenizer']['bytes_per_token']:.2f} bytes/token), trained on the training split. Model: "
+        f"d={cfg['d_model']}, {cfg['n_layers']} layers, {cfg['source_experts']} -> {cfg['target_experts']} experts "
+        f"top-{cfg['top_k']}, {cfg['target_tokens']:,} tokens per target run, {cfg['val_windows']} validation "
+        f"windows of {cfg['seq_len']} tokens. Wall time {r['wall_seconds']:.0f} s ({r['jobs']} job(s) at a time).",
+        "", "## Results", "", *rows, "",
+        "Validation loss in nats per byte (the bytes the predicted tokens decode to); 95% t-interval over seeds. "
+        "Data utilisation the paper's way: the baseline's total tokens ÷ the tokens the run needs to reach the "
+        "baseline's final loss (mean curves).", "",
+        "## Paired comparisons (same seed: same initialisation and data order)", "", *comp, "",
+        "## Data utilisation", "", *util, "",
+        "## Throughput", "", _throughput_text(r["throughput"]), "",
+        "## Leak audit", "", *audit, "",
+        "## Sources and distillation", "",
+        f"- Strong source: {src['tokens']:,} tokens ({src['tokens'] / cfg['target_tokens']:.0f}x a target run), val "
+        f"{src['val_loss']:.4f} nats/byte, {src['seconds']:.0f} s ({src['amortised_seconds_per_run']:.0f} s per "
+        f"Grouter target run it serves here). Weak source: {weak['tokens']:,} tokens, val {weak['val_loss']:.4f}, "
+        f"{weak['seconds']:.0f} s.",
+        f"- Held-out distillation (grouter, mean over seeds): KL to the source router {fmt(h['kl_before'])} -> "
+        f"{fmt(h['kl_after'])}, top-{cfg['top_k']} agreement {fmt(h['topk_agreement_before'])} -> "
+        f"{fmt(h['topk_agreement'])}; tuning, held-out MaxVio {fmt(tun['before'], 2)} -> {fmt(tun['after'], 2)} "
+        f"(paper: ~8 -> ~0.5).", "",
         "## The paper's claims", "",
         f"- Same validation loss with {paper['same_loss_with_fraction_of_data']:.1%} of the data "
         f"({paper['data_utilization']}x data utilisation); +{paper['throughput_gain_8gpu']:.1%} throughput on 8 GPUs.",
-        f"- Setting: {paper['source']}. This demo is a tiny byte-level model on 2 CPU cores: a gain at this scale is "
-        "not assured, and none was tuned for.", "",
-        "## Cost (the source is part of the bill)", "", *cost_rows, "",
-        "## Plots", "", *[f"![{p}]({p})" for p in plots], "",
-    ]
-    (out / "report.md").write_text("\n".join(md))
+        f"- Setting: {paper['source']}. This demo is a small model on 2 CPU cores: a gain at this scale is not "
+        "assured, and none was tuned for.", "",
+        "## Cost (the sources are part of the bill)", "", *cost, "",
+        "## Plots", "", *[f"![{p}]({p})" for p in r["plots"]], "",
+    ])
+
+
+def write_report(out: Path, cfg: Dict, runs: Dict[str, List[Dict]], sources: Dict[str, Dict], grouters: Dict,
+                 cost: Dict, tokenizer: Dict, throughput: Dict, versions: Dict, paper: Dict, corpus: str, jobs: int,
+                 wall_seconds: float) -> Dict:
+    summary = {name: summarize(results) for name, results in runs.items()}
+    served = {w: sum(len(runs[n]) for n, (src, _) in GROUTER_RUNS.items() if src == w and n in runs)
+              for w in sources}
+
+    def source_info(w: str) -> Dict:
+        s = sources[w]
+        return dict(tokens=s["tokens"], val_loss=s["final_val_loss"], final_val_loss=s["final_val_loss"],
+                    seconds=s["seconds"], max_vio=s["max_vio"], target_runs_served=served[w],
+                    amortised_seconds_per_run=s["seconds"] / max(1, served[w]))
+
+    report = dict(
+        runs=summary, comparisons=comparisons(runs), data_utilization=utilisation(summary),
+        leak_audit=leak_audit(runs), distill=distill_summary(grouters), tokenizer=tokenizer,
+        source=source_info("strong"), source_weak=source_info("weak"), throughput=throughput, cost=cost, config=cfg,
+        seeds={n: [r["seed"] for r in rs] for n, rs in runs.items()}, versions=versions, paper=paper, corpus=corpus,
+        grouters={n: [{k: v for k, v in m.items() if k != "affinity"} for m in ms] for n, ms in grouters.items()},
+        jobs=jobs, wall_seconds=wall_seconds)
+    report["plots"] = _plots(out, summary, grouters)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(_markdown(report))
     return report

@@ -1,0 +1,309 @@
+"""The demo's jobs: train a source, make a Grouter (distil, fold, tune, pre-dispatch), train a target.
+
+Each job reads what earlier jobs left in `<out>/stages` and writes its own result there last, so a
+killed demo resumes from the jobs it finished. Jobs run in worker processes (one thread each) or
+in the calling process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import GROUTER_RUNS, ROUTERS, Config
+from .corpus import Corpus, load_corpus
+from .subwords import TokenCorpus, build_token_corpus
+
+SOURCE_SEEDS = {"strong": 1000, "weak": 1001}  # data order and weights of the two sources
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every job needs (picklable: it travels to the worker processes)."""
+
+    out: str
+    cfg: Tuple  # Config fields, as a tuple so the context hashes
+    corpus_path: Optional[str]
+    device: str
+    progress: bool
+
+    @classmethod
+    def make(cls, out, cfg: Config, corpus_path, device, progress) -> "Context":
+        return cls(str(out), tuple(asdict(cfg).items()), corpus_path, device, progress)
+
+    @property
+    def config(self) -> Config:
+        return Config(**dict(self.cfg))
+
+    @property
+    def stages(self) -> Path:
+        return Path(self.out) / "stages"
+
+
+@functools.lru_cache(maxsize=2)
+def token_corpus(ctx: Context) -> TokenCorpus:
+    """The corpus as BPE tokens (built once by the first caller, read back by the others)."""
+    cfg = ctx.config
+    data, desc = load_corpus(ctx.corpus_path)
+    return build_token_corpus(Corpus(data, desc, max_bytes=cfg.corpus_bytes), cfg.vocab_size, ctx.stages / "tokens")
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+Routes = Tuple[Tensor, Tensor]
+
+
+def new_model(cfg: Config, corpus: TokenCorpus, num_experts: int, seed: int, router: Optional[str], device: str):
+    """A target-shaped MoE LM of `seed` (the same weights for every routing) and its optimizer."""
+    from .lm import MoELM
+
+    model = MoELM(cfg.d_model, cfg.n_layers, cfg.n_heads, num_experts, cfg.top_k, cfg.d_expert, seed, router,
+                  vocab=corpus.vocab_size).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+
+
+def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[[int, Tensor], Routes]],
+               aux: bool = False) -> Tensor:
+    """One optimizer step on the batch x: next-token loss (plus the routers' aux loss with `aux`)."""
+    from ..nn import Routing
+    from .lm import AUX_LOSS_COEF
+
+    routing = Routing.prepare(*step_routes(step, x), model.num_experts) if step_routes is not None else None
+    logits = model(x, routing)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), x[:, 1:].reshape(-1))
+    if aux:
+        loss = loss + AUX_LOSS_COEF * model.aux_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def train_lm(cfg: Config, corpus: TokenCorpus, name: str, seed: int, tokens: int, num_experts: int,
+             router: Optional[str] = None, step_routes: Optional[Callable[[int, Tensor], Routes]] = None,
+             val_routes: Optional[List[Routes]] = None, device: str = "cpu", progress: bool = True) -> Dict:
+    """Train one MoE LM on `tokens` tokens; returns its validation curve (nats per byte), throughput,
+    routing balance (and the model). step_routes(step, x) gives a fixed routing's routes of a step."""
+    from .lm import evaluate, routing_summary
+
+    model, opt = new_model(cfg, corpus, num_experts, seed, router, device)
+    steps = max(1, tokens // cfg.tokens_per_step)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    val = corpus.val_windows(cfg.val_windows, cfg.seq_len).to(device)
+    nbytes = corpus.token_bytes.to(device)
+    eval_at = {round(steps * (i + 1) / cfg.eval_points) for i in range(cfg.eval_points)}
+    data = corpus.train_batches(seed, cfg.batch_size, cfg.seq_len)
+    curve, seconds = [], 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * cfg.tokens_per_step, desc=f"{name} s{seed}", unit="tok", unit_scale=True, leave=False)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, next(data).to(device), step, step_routes, aux=router == "softmax")
+        sched.step()
+        seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(cfg.tokens_per_step)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step + 1 in eval_at:
+            curve.append([(step + 1) * cfg.tokens_per_step, evaluate(model, val, nbytes, routes=val_routes)])
+    if bar is not None:
+        bar.close()
+    result = dict(name=name, seed=seed, val_curve=curve, final_val_loss=curve[-1][1],
+                  tokens=steps * cfg.tokens_per_step, seconds=seconds,
+                  tokens_per_s=steps * cfg.tokens_per_step / max(seconds, 1e-9), **routing_summary(model))
+    return dict(result=result, model=model)
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+def source_path(ctx: Context, which: str) -> Path:
+    return ctx.stages / f"source_{which}.pt"
+
+
+def load_source(ctx: Context, which: str):
+    from .lm import MoELM
+
+    cfg, state = ctx.config, torch.load(source_path(ctx, which), weights_only=False)
+    model = MoELM(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.source_experts, cfg.top_k, cfg.d_expert,
+                  SOURCE_SEEDS[which], "softmax", vocab=cfg.vocab_size)
+    model.load_state_dict(state["model"])
+    return model.to(ctx.device).eval(), state["result"]
+
+
+def make_source(ctx: Context, which: str) -> Dict:
+    """A source MoE LM (learned softmax router + aux loss): "strong" on source_tokens, "weak" on a
+    target run's budget."""
+    cfg, corpus = ctx.config, token_corpus(ctx)
+    tokens = cfg.source_tokens if which == "strong" else cfg.target_tokens
+    run = train_lm(cfg, corpus, f"source_{which}", SOURCE_SEEDS[which], tokens, cfg.source_experts,
+                   router="softmax", device=ctx.device, progress=ctx.progress)
+    r = run["result"]
+    torch.save(dict(result=r, model=run["model"].state_dict()), source_path(ctx, which))
+    return dict(r, summary=f"source ({which}): {r['tokens']:,} tokens in {r['seconds']:.0f} s, "
+                f"val {r['final_val_loss']:.4f} nats/byte, MaxVio {r['max_vio']:.2f}")
+
+
+# -- Grouters --------------------------------------------------------------------------------------
+
+def grouter_dir(ctx: Context, run: str, seed: int) -> Path:
+    return ctx.stages / f"{run}_s{seed}"
+
+
+def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
+    """The Grouter of one seed of a Grouter run: distilled from its source (or left random), folded
+    to the target's experts by affinity, tuned, and the seed's training routes pre-dispatched."""
+    from ..router import Grouter, affinity, distill, fold, fold_groups, heldout_metrics, predispatch, teacher_logits, tune
+
+    cfg, corpus = ctx.config, token_corpus(ctx)
+    which, causal = GROUTER_RUNS[run]
+    S, B = cfg.seq_len, cfg.batch_size
+    batches = [next(corpus.train_batches(10_000 + 100 * seed + i, B, S)) for i in range(cfg.distill_batches)]
+    tune_batches = [next(corpus.train_batches(20_000 + 100 * seed + i, B, S)) for i in range(cfg.tune_batches)]
+    held = corpus.val_windows(cfg.heldout_windows, S).to(ctx.device)  # never trained on by anything
+    held_batches = list(held.split(B))
+    torch.manual_seed(5000 + seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bidirectional warning: that leak is what the audit measures
+        g = Grouter(cfg.vocab_size, cfg.source_experts, cfg.top_k, d_model=cfg.grouter_d_model,
+                    n_layers=cfg.grouter_layers, n_heads=cfg.grouter_heads, causal=causal,
+                    source=f"demo {which} source MoE, layer 0").to(ctx.device)
+    meta: Dict = dict(run=run, seed=seed, source=which, causal=causal)
+    t0 = time.perf_counter()
+    if which != "random":
+        source, _ = load_source(ctx, which)
+        held_teacher = teacher_logits(source, held, progress=False)
+        before = heldout_metrics(g, held_teacher)
+        distill(g, source, batches, steps=cfg.distill_steps, progress=ctx.progress)
+        after = heldout_metrics(g, held_teacher)
+        meta.update(kl_before=before["kl"], kl_after=after["kl"], topk_agreement_before=before["topk_agreement"],
+                    topk_agreement=after["topk_agreement"], distill_tokens=cfg.distill_steps * cfg.tokens_per_step)
+    meta["distill_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    A = affinity(g, batches)
+    groups = fold_groups(A, cfg.target_experts)
+    folded = fold(g, groups)
+    tuned = tune(folded, tune_batches, steps=cfg.tune_steps, heldout=held_batches, progress=ctx.progress)
+    meta.update(tune_seconds=time.perf_counter() - t0, tune_tokens=cfg.tune_steps * cfg.tokens_per_step,
+                affinity=A.tolist(), groups=groups.tolist(), max_vio_folded=tuned["max_vio_before"],
+                max_vio_tuned=tuned["max_vio_after"])
+    folder = grouter_dir(ctx, run, seed)
+    folded.save(folder)
+    # The target run of this seed reads these routes instead of running the Grouter every step.
+    t0 = time.perf_counter()
+    data = corpus.train_batches(seed, B, S)
+    samples = torch.cat([next(data) for _ in range(cfg.target_steps)])
+    predispatch(folded.eval(), samples, folder / "routes", batch_size=4 * B, progress=ctx.progress)
+    meta["predispatch_seconds"] = time.perf_counter() - t0
+    meta["predispatch_tokens"] = samples.numel()
+    (ctx.stages / f"{run}_s{seed}.json").write_text(json.dumps(meta))
+    kl = (f"held-out KL {meta['kl_before']:.3f} -> {meta['kl_after']:.3f}, top-{cfg.top_k} agreement "
+          f"{meta['topk_agreement']:.3f}; " if "kl_after" in meta else "")
+    return dict(meta, summary=f"{run} s{seed}: {kl}fold {cfg.source_experts} -> {cfg.target_experts}; held-out "
+                f"MaxVio {meta['max_vio_folded']:.2f} -> {meta['max_vio_tuned']:.2f}")
+
+
+# -- target runs -----------------------------------------------------------------------------------
+
+def _predispatched(reader, batch: int) -> Callable[[int, Tensor], Routes]:
+    def step_routes(step: int, x: Tensor) -> Routes:
+        tokens, ids, w = reader[step * batch:(step + 1) * batch]
+        if not torch.equal(tokens.to(x.device), x):
+            raise RuntimeError(f"pre-dispatched routes of step {step} belong to other tokens")
+        return ids.reshape(-1, ids.shape[-1]).to(x.device), w.reshape(-1, w.shape[-1]).to(x.device)
+
+    return step_routes
+
+
+def routing_of(ctx: Context, name: str, seed: int):
+    """(step_routes, route, Grouter) of a target run; all None for a learned router. A Grouter run's
+    training routes are read from its pre-dispatch folder; `route` routes any batch (validation)."""
+    from ..router import Grouter, PredispatchReader
+    from .lm import balanced_hash_table, grouter_router, hash_table, table_router
+
+    cfg, corpus = ctx.config, token_corpus(ctx)
+    E, K = cfg.target_experts, cfg.top_k
+    if name == "hash":
+        route = table_router(hash_table(E, K, vocab=corpus.vocab_size))
+    elif name == "hash_balanced":
+        route = table_router(balanced_hash_table(corpus.frequencies(), E, K))
+    elif name in GROUTER_RUNS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = Grouter.load(grouter_dir(ctx, name, seed), map_location=ctx.device).eval()
+        reader = PredispatchReader(grouter_dir(ctx, name, seed) / "routes", g)
+        return _predispatched(reader, cfg.batch_size), grouter_router(g), g
+    else:
+        return None, None, None
+    return (lambda step, x: route(x)), route, None
+
+
+def run_target(ctx: Context, name: str, seed: int) -> Dict:
+    """One target run: the seed's model, data order and budget, routed as `name` says."""
+    from .lm import EVAL_BATCH, evaluate, leak_free_routes
+
+    cfg, corpus, device = ctx.config, token_corpus(ctx), ctx.device
+    val = corpus.val_windows(cfg.val_windows, cfg.seq_len).to(device)
+    val_batches = list(val.split(EVAL_BATCH))  # as evaluate() batches them
+    step_routes, route, g = routing_of(ctx, name, seed)
+    with torch.no_grad():
+        val_routes = [route(x) for x in val_batches] if route is not None else None
+    run = train_lm(cfg, corpus, name, seed, cfg.target_tokens, cfg.target_experts, router=ROUTERS.get(name), step_routes=step_routes,
+                   val_routes=val_routes, device=device, progress=ctx.progress)
+    result = run["result"]
+    if g is not None:  # the leak audit: routes an autoregressive model could compute
+        routes = [leak_free_routes(g, x) for x in val_batches]
+        result["leak_free_final_val_loss"] = evaluate(run["model"], val, corpus.token_bytes, routes=routes)
+    (ctx.stages / f"run_{name}_s{seed}.json").write_text(json.dumps(result))
+    extra = f", prefix-only routes {result['leak_free_final_val_loss']:.4f}" if g is not None else ""
+    return dict(result, summary=f"{name} s{seed}: val {result['final_val_loss']:.4f} nats/byte{extra}, "
+                f"{result['tokens_per_s']:,.0f} tok/s, MaxVio {result['max_vio']:.2f}")
+
+
+def throughput(ctx: Context, names=("learned_aux", "grouter", "hash_balanced"), steps: int = 12,
+               warmup: int = 2) -> Dict:
+    """Training tokens/s of a few routings measured side by side in one process: steps interleaved
+    (seed 0's model, data and routes), median step time. The target runs' own tokens/s depend on
+    what the other job ran beside them."""
+    import statistics
+
+    cfg, corpus = ctx.config, token_corpus(ctx)
+    setups = {n: (new_model(cfg, corpus, cfg.target_experts, 0, ROUTERS.get(n), ctx.device), routing_of(ctx, n, 0)[0])
+              for n in names}
+    data = corpus.train_batches(0, cfg.batch_size, cfg.seq_len)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for step in range(warmup + steps):
+        x = next(data).to(ctx.device)
+        for n, ((model, opt), step_routes) in setups.items():
+            t0 = time.perf_counter()
+            train_step(model, opt, x, step, step_routes, aux=ROUTERS.get(n) == "softmax")
+            times[n].append(time.perf_counter() - t0)
+    out = {n: cfg.tokens_per_step / statistics.median(t[warmup:]) for n, t in times.items()}
+    return dict(tokens_per_s=out, steps=steps, threads=torch.get_num_threads(),
+                method="steps interleaved in one process, median step time, seed 0")
+
+
+KINDS = {"source": make_source, "grouter": make_grouter, "run": run_target, "throughput": throughput}
+
+
+def run_job(ctx: Context, kind: str, *args, threads: Optional[int] = None) -> Dict:
+    """Run one job (in a worker: threads=1, so two jobs share two cores without oversubscribing)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return KINDS[kind](ctx, *args)

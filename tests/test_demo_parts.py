@@ -1,0 +1,140 @@
+"""The demo's parts against plain references: statistics, the balanced hash, BPE bytes, prefix-only
+routes, the job plan."""
+
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from grouter.demo.config import PRESETS
+from grouter.demo.corpus import Corpus, load_corpus
+from grouter.demo.lm import balanced_hash_table, hash_table, leak_free_routes
+from grouter.demo.stats import T975, data_utilization, mean_ci, paired, t975, tokens_to_reach
+
+
+def t_pdf(x, df):
+    return math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * (1 + x * x / df) ** (-(df + 1) / 2)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 30])
+def test_t_quantiles_cover_95_percent(df):
+    q = t975(df)
+    n = 4000
+    mass = sum(t_pdf(-q + (i + 0.5) * 2 * q / n, df) for i in range(n)) * 2 * q / n  # midpoint rule
+    assert mass == pytest.approx(0.95, abs=1e-3)
+    assert len(T975) == 30 and t975(31) == 1.96
+
+
+def test_paired_interval_matches_the_textbook():
+    rng = np.random.default_rng()
+    a = {s: float(v) for s, v in enumerate(rng.normal(2.0, 0.05, 4))}
+    b = {s: float(v) for s, v in enumerate(rng.normal(2.1, 0.05, 5))}  # seed 4 has no partner
+    d = [a[s] - b[s] for s in range(4)]
+    half = 3.182 * statistics.stdev(d) / math.sqrt(4)
+    out = paired(a, b)
+    assert out["seeds"] == [0, 1, 2, 3]
+    assert out["mean_diff"] == pytest.approx(statistics.fmean(d))
+    assert out["ci95"] == pytest.approx([statistics.fmean(d) - half, statistics.fmean(d) + half])
+    one = paired({0: 1.0}, {0: 1.5, 1: 2.0})
+    assert one["mean_diff"] == -0.5 and one["ci95"] is None and one["reason"]
+    assert paired({0: 1.0}, {1: 1.0})["seeds"] == []
+    assert mean_ci([1.0, 1.0])["ci95"] == [1.0, 1.0]
+
+
+def test_data_utilization_the_papers_way():
+    base = dict(val_curve=[[100, 3.0], [200, 2.5], [400, 2.0]], final_val_loss=2.0)
+    fast = dict(val_curve=[[100, 2.5], [200, 2.0], [400, 1.8]], final_val_loss=1.8)
+    u = data_utilization(fast, "hash", base)
+    assert u["value"] == pytest.approx(400 / 200) and u["definition"] == "paper" and u["baseline"] == "hash"
+    between = dict(val_curve=[[100, 2.5], [200, 2.2], [400, 1.8]], final_val_loss=1.8)
+    need = 200 + 200 * (2.2 - 2.0) / (2.2 - 1.8)
+    assert data_utilization(between, "hash", base)["value"] == pytest.approx(400 / need)
+    slow = dict(val_curve=[[100, 3.5], [200, 3.0], [400, 2.4]], final_val_loss=2.4)
+    u = data_utilization(slow, "hash", base)
+    assert u["value"] is None and "never reaches" in u["reason"]
+    early = data_utilization(dict(val_curve=[[100, 1.9], [400, 1.5]], final_val_loss=1.5), "hash", base)
+    assert early["value"] == 4.0 and "lower bound" in early["reason"]
+    assert tokens_to_reach(base["val_curve"], 2.75) == pytest.approx(150)
+
+
+def test_balanced_hash_balances_token_frequency():
+    rng = np.random.default_rng()
+    vocab, E, K = 500, 8, 2
+    freq = torch.from_numpy(rng.zipf(1.3, vocab).clip(max=10_000)).long()
+    table = balanced_hash_table(freq, E, K)
+    assert table.shape == (vocab, K)
+    assert all(len(set(row)) == K for row in table.tolist()) and int(table.min()) >= 0 and int(table.max()) < E
+
+    def loads(t):
+        return torch.zeros(E, dtype=torch.float64).index_add_(0, t.reshape(-1), freq.double().repeat_interleave(K))
+
+    balanced, by_id = loads(table), loads(hash_table(E, K, vocab=vocab))
+    # greedy by falling frequency: no expert exceeds another by more than one token's count
+    assert float(balanced.max() - balanced.min()) <= float(freq.max())
+    assert float(balanced.max() / balanced.mean()) <= float(by_id.max() / by_id.mean()) + 1e-9
+    with pytest.raises(ValueError, match="top_k"):
+        balanced_hash_table(freq, 2, 3)
+
+
+def test_bpe_bytes_and_cache(tmp_path):
+    pytest.importorskip("tokenizers")
+    from grouter.demo.subwords import build_token_corpus, encode, load_token_corpus, token_bytes, train_bpe
+
+    data, desc = load_corpus(None)
+    corpus = Corpus(data, desc, max_bytes=400_000)
+    text = corpus.val_bytes.tobytes().decode("utf-8", errors="replace")
+    tok = train_bpe(corpus.train_bytes.tobytes().decode("utf-8", errors="replace"), 600)
+    ids = encode(tok, text)
+    assert int(token_bytes(tok)[torch.from_numpy(ids.astype(np.int64))].sum()) == len(text.encode("utf-8"))
+    assert tok.decode(ids.tolist()) == text
+    with pytest.raises(ValueError, match="vocabulary"):
+        train_bpe("abc", 100)
+    built = build_token_corpus(corpus, 600, tmp_path)
+    again = load_token_corpus(tmp_path)
+    assert torch.equal(built.train, again.train) and torch.equal(built.token_bytes, again.token_bytes)
+    assert build_token_corpus(corpus, 700, tmp_path).vocab_size == 700  # another vocabulary: rebuilt
+    with pytest.raises(ValueError, match="no finished token corpus"):
+        load_token_corpus(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefix_only_routes(causal):
+    import warnings
+
+    from grouter import Grouter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = Grouter(300, 8, 2, d_model=32, n_layers=2, n_heads=2, causal=causal).eval()
+    x = torch.randint(0, 300, (3, 20))
+    ids, w = leak_free_routes(g, x)
+    full_ids, full_w = g.route(x)
+    by_prefix = [g.route(x[:, :t + 1]) for t in range(20)]
+    ref_ids = torch.stack([i[:, -1] for i, _ in by_prefix], 1).reshape(60, 2)
+    ref_w = torch.stack([v[:, -1] for _, v in by_prefix], 1).reshape(60, 2)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+    if causal:
+        assert torch.equal(ids, full_ids.reshape(60, 2))
+    else:
+        assert not torch.equal(ids, full_ids.reshape(60, 2))
+
+
+def test_job_plan_is_ordered_by_dependencies(tmp_path):
+    from grouter.demo.jobs import Context
+    from grouter.demo.pipeline import plan_jobs
+
+    ctx = Context.make(tmp_path, PRESETS["default"], None, "cpu", False)
+    jobs = plan_jobs(ctx)
+    keys = [j.key for j in jobs]
+    assert len(set(keys)) == len(keys) and keys[0] == "source:strong"
+    for i, job in enumerate(jobs):
+        assert all(d in keys[:i] for d in job.deps), job.key
+    runs = [j for j in jobs if j.kind == "run"]
+    cfg = PRESETS["default"]
+    assert len(runs) == sum(cfg.seeds_of(n) for n in {j.args[0] for j in runs})
+    assert {j.args[0] for j in runs if j.args[1] == 2} == {"grouter", "hash_balanced", "learned_aux"}
+    assert all(isinstance(j.output, Path) for j in jobs)
