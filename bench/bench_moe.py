@@ -7,9 +7,11 @@
 2. grouter.nn.MoE on the same experts: fixed routing (a prepared Routing, as a Grouter gives)
    vs a learned softmax router + aux loss.
 
-Times are medians of --reps runs after warm-up. "floor" is the expert matmul FLOPs divided by the
-sgemm rate measured in the same run (a [4096 x 512] @ [512 x 512] product), so "% of floor" says
-how close a layer gets to doing nothing but its matmuls.
+Times are medians of --reps runs after warm-up, all cases interleaved. "floor" is the expert
+GEMMs any implementation must run, forward and backward (six per expert: gate_up, down, and the
+input and weight gradients of both), timed with torch.mm at the same per-expert shapes in the same
+run; "% floor" says how close a layer gets to doing nothing but its matmuls. The header also gives
+the rate of one reference GEMM ([4096 x 512] @ [512 x 512]) and the floor it would imply.
 """
 
 import argparse
@@ -70,17 +72,45 @@ def olmoe_blocks(H, I, E, K, device, dtype=torch.float32):
     return blocks
 
 
+def expert_gemm_floor(counts, H, I, device, dtype):
+    """The six torch.mm per expert of a forward + backward at the routed row counts."""
+    mats = []
+    for n in counts:
+        if n == 0:
+            continue
+        r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+        mats.append(dict(x=r(n, H), w1=r(2 * I, H), w2=r(H, I), a=r(n, I), go=r(n, H), gh=r(n, 2 * I)))
+
+    def step():
+        for m in mats:
+            torch.mm(m["x"], m["w1"].t())  # h = x @ gate_up^T
+            torch.mm(m["a"], m["w2"].t())  # out = a @ down^T
+            torch.mm(m["go"], m["w2"])  # grad_a
+            torch.mm(m["go"].t(), m["a"])  # grad_down
+            torch.mm(m["gh"].t(), m["x"])  # grad_gate_up
+            torch.mm(m["gh"], m["w1"])  # grad_x
+
+    return step
+
+
 def fwd_bwd(module, x, **kwargs):
+    """One forward + backward of the layer alone: the output's gradient is a fixed random tensor
+    (no loss computed), plus the router's aux loss where there is one."""
+    grad = []
+
     def step():
         for p in module.parameters():
             p.grad = None
         x.grad = None
         out = module(x, **kwargs)
-        loss = out.float().square().mean()
+        if not grad:
+            grad.append(torch.randn_like(out))
+        outputs, grads = [out], [grad[0]]
         aux = getattr(module, "aux_loss", None)
         if aux is not None:
-            loss = loss + 0.01 * aux
-        loss.backward()
+            outputs.append(0.01 * aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.backward(outputs, grads)
 
     return step
 
@@ -97,9 +127,7 @@ def main():
     dtype = getattr(torch, args.dtype)
 
     rate = gemm_rate(dev, args.reps, dtype)
-    floor = 18 * T * K * H * I / rate  # fwd 6*TK*H*I, bwd twice that
-    print(f"# {T} tokens, H={H} I={I} E={E} K={K} {args.dtype}, {dev}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; GEMM {rate / 1e9:.0f} GFLOP/s, matmul floor {floor * 1e3:.0f} ms")
+    rate_floor = 18 * T * K * H * I / rate  # fwd 6*TK*H*I, bwd twice that
 
     x = torch.randn(1, T, H, device=dev, dtype=dtype, requires_grad=True)
     cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x)
@@ -113,7 +141,13 @@ def main():
     routing = gnn.Routing.prepare(ids, w, E)  # built once, as a Grouter's routes are per step
     cases["grouter.nn.MoE learned softmax + aux loss"] = fwd_bwd(learned, x)
     cases["grouter.nn.MoE fixed routing"] = fwd_bwd(fixed, x, routing=routing)
+    counts = routing.plan.expert_offsets.diff().tolist()
+    cases["floor: per-expert torch.mm"] = expert_gemm_floor(counts, H, I, dev, dtype)
     times = median_times(cases, args.reps, device=dev)
+    floor = times.pop("floor: per-expert torch.mm")
+    print(f"# {T} tokens, H={H} I={I} E={E} K={K} {args.dtype}, {dev}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; floor (per-expert torch.mm, same run) {floor * 1e3:.1f} ms; "
+          f"reference GEMM {rate / 1e9:.0f} GFLOP/s (floor at that rate {rate_floor * 1e3:.0f} ms)")
     eager = times["OlmoeSparseMoeBlock experts=eager"]
     rows = [(name, t, eager / t) for name, t in times.items()]
     t_grouter = times["OlmoeSparseMoeBlock experts=grouter"]

@@ -123,6 +123,62 @@ def bench_routing_plan(T, K, E, device, measure):
                 us=s * 1e6, gbps=None, pct_copy=None, x_native=ns / s)
 
 
+def bench_glu(N, I, dtype, device, measure):
+    """grouter.ops.glu forward and backward vs torch's silu(gate) * up (and its autograd)."""
+    import torch.nn.functional as F
+
+    hs = [torch.randn(N, 2 * I, device=device, dtype=dtype) for _ in range(3)]
+    gs = [torch.randn(N, I, device=device, dtype=dtype) for _ in range(3)]
+    el = torch.finfo(dtype).bits // 8
+
+    def native_fwd(h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def native_bwd(h, g):
+        h = h.detach().requires_grad_(True)
+        return torch.autograd.grad(native_fwd(h), h, g)
+
+    name = f"N{N} I{I} {str(dtype).split('.')[-1]}"
+    rows = []
+    for op, nbytes, ours, native, args in (
+        ("glu (silu) fwd", 3 * N * I * el, lambda h: ops.glu(h, "silu"), native_fwd, [(h,) for h in hs]),
+        ("glu (silu) bwd", 6 * N * I * el, lambda h, g: torch.ops.grouter.glu_backward(g, h, "silu"), native_bwd,
+         list(zip(hs, gs))),
+    ):
+        t, tn = measure(ours, args), measure(native, args)
+        rows.append(dict(shape=name, op=op, us=t * 1e6, gbps=nbytes / t / 1e9, pct_copy=None, x_native=tn / t))
+    return rows
+
+
+def bench_expert_mlp(T, H, I, K, E, dtype, device, measure):
+    """grouter.nn.expert_mlp forward + backward vs grouped_mm with a separate silu(gate) * up."""
+    import torch.nn.functional as F
+
+    from grouter.nn import expert_mlp
+
+    ids = torch.rand(T, E, device=device).topk(K, dim=1).indices
+    plan = ops.routing_plan(ids, E)
+    rows = torch.randn(T * K, H, device=device, dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    w2 = (torch.randn(E, H, I, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    offs = plan.expert_offsets[1:].to(torch.int32)
+
+    def ours():
+        expert_mlp(rows, plan.expert_offsets, w1, w2, "silu").sum().backward()
+
+    def native():
+        h = F.grouped_mm(rows, w1.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        F.grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs).sum().backward()
+
+    flops = 18 * T * K * H * I
+    t = measure(ours, [()])
+    tn = measure(native, [()]) if hasattr(F, "grouped_mm") else None
+    return [dict(shape=f"T{T} H{H} I{I} K{K} E{E} {str(dtype).split('.')[-1]}", op="expert_mlp fwd+bwd (TFLOP/s)",
+                 us=t * 1e6, gbps=flops / t / 1e12, pct_copy=None, x_native=tn / t if tn else None)]
+
+
 def fmt(row):
     def num(v, f):
         return f"{v:{f}}" if v is not None else ""
@@ -149,6 +205,9 @@ def main():
     rows.append(bench_routing_plan(T, K, E, args.device, measure))
     ops.set_cuda_checks(True)
     rows.append(bench_routing_plan(T, K, E, args.device, measure))
+    rows += bench_glu(*((512, 256) if args.quick else (131072, 1536)), torch.bfloat16, args.device, measure)
+    mlp = (256, 128, 64, 2, 8) if args.quick else (16384, 2048, 768, 8, 128)
+    rows += bench_expert_mlp(*mlp, torch.bfloat16, args.device, measure)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {device_name}, torch {torch.__version__}, median of CUDA-event timings")
     print(f"{'shape':28s} {'op':26s} {'us':>10s} {'GB/s':>8s} {'%copy':>7s} {'x native':>8s}")

@@ -20,6 +20,10 @@ TORCH_LIBRARY(grouter, m) {
         "(Tensor grad_y, Tensor grad_weights)");
   // C[i, j] = tokens routed to both i and j; C[i, i] = tokens routed to i.
   m.def("coactivation(Tensor expert_ids, int num_experts) -> Tensor");
+  // a = act(gate) * up for h = [gate | up] ([..., 2I] -> [..., I]), fp32 math.
+  m.def("glu(Tensor h, str activation) -> Tensor");
+  // (a, grad_h) of glu: a recomputed (for the down projection's weight gradient) in the same pass.
+  m.def("glu_backward(Tensor grad_a, Tensor h, str activation) -> (Tensor a, Tensor grad_h)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _C  # loads the library that registers torch.ops.grouter.*
 
 __all__ = [
-    "RoutingPlan", "routing_plan", "permute", "unpermute", "coactivation",
+    "RoutingPlan", "routing_plan", "permute", "unpermute", "coactivation", "glu", "GLU_ACTIVATIONS",
     "set_cpu_output_cache_limit", "cpu_output_cache_limit", "cpu_output_cache_bytes", "empty_cpu_output_cache",
     "set_cuda_checks", "cuda_checks_enabled", "has_cuda_kernels",
 ]
@@ -139,6 +139,15 @@ def coactivation(expert_ids: Tensor, num_experts: int) -> Tensor:
 # repeat the shape checks so a traced program fails where the eager one would.
 
 
+GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def glu(h: Tensor, activation: str = "silu") -> Tensor:
+    """a = act(gate) * up for h = [gate | up] of shape [..., 2I] -> [..., I] (SwiGLU for "silu"),
+    in one pass, fp32 math for float32/bfloat16/float16 rows; differentiable (one fused backward)."""
+    return _ops.glu(h, activation)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -218,6 +227,30 @@ def _coactivation_fake(expert_ids, num_experts):
     return expert_ids.new_empty(num_experts, num_experts, dtype=torch.int64)
 
 
+def _check_glu(op: str, h: Tensor, activation: str) -> None:
+    _check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
+           f"grouter.{op}: h must end in an even dimension [..., 2 * I] (gate | up), got shape {tuple(h.shape)}")
+    _check(h.dtype in (torch.float32, torch.bfloat16, torch.float16),
+           f"grouter.{op}: h must be float32, bfloat16 or float16, got {h.dtype}")
+    _check(activation in GLU_ACTIVATIONS,
+           f"grouter.glu: unknown activation '{activation}' (have {', '.join(GLU_ACTIVATIONS)})")
+
+
+@torch.library.register_fake("grouter::glu")
+def _glu_fake(h, activation):
+    _check_glu("glu", h, activation)
+    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@torch.library.register_fake("grouter::glu_backward")
+def _glu_backward_fake(grad_a, h, activation):
+    _check_devices("glu_backward", grad_a, h)
+    _check_glu("glu_backward", h, activation)
+    _check(grad_a.shape == (*h.shape[:-1], h.shape[-1] // 2) and grad_a.dtype == h.dtype,
+           f"grouter.glu_backward: grad_a must be {(*h.shape[:-1], h.shape[-1] // 2)} {h.dtype} (the shape of a)")
+    return torch.empty_like(grad_a), torch.empty_like(h)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd. permute's backward is an unweighted unpermute (a gather-sum over each token's K rows)
 # and unpermute's is one fused pass giving grad_y and grad_weights: no scatter-add, no atomics.
@@ -247,15 +280,30 @@ def _unpermute_backward(ctx, grad):
     return (grad_y if need_y else None), None, (grad_w if need_w else None)
 
 
+def _glu_setup(ctx, inputs, output):
+    h, activation = inputs
+    ctx.save_for_backward(h)
+    ctx.activation = activation
+
+
+def _glu_backward(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return _ops.glu_backward(grad.to(h.dtype), h, ctx.activation)[1], None
+
+
 torch.library.register_autograd("grouter::permute", _permute_backward, setup_context=_permute_setup)
+torch.library.register_autograd("grouter::glu", _glu_backward, setup_context=_glu_setup)
 torch.library.register_autograd("grouter::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("grouter.unpermute: second derivatives are not implemented (differentiating its "
-                       "backward, e.g. a gradient penalty through a MoE layer, is not supported)")
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"grouter.{op}: second derivatives are not implemented (differentiating its "
+                           "backward, e.g. a gradient penalty through a MoE layer, is not supported)")
+    return backward
 
 
-# Without a formula autograd would treat unpermute_backward as constant: silently zero second derivatives.
-torch.library.register_autograd("grouter::unpermute_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+# Without a formula autograd would treat the backward ops as constants: silently zero second derivatives.
+for _op, _name in (("unpermute_backward", "unpermute"), ("glu_backward", "glu")):
+    torch.library.register_autograd(f"grouter::{_op}", _no_double_backward(_name),
+                                    setup_context=lambda ctx, inputs, output: None)

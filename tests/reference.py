@@ -82,6 +82,20 @@ def random_routing(T: int, K: int, E: int, dtype=torch.int64, device="cpu", gene
     return scores.topk(K, dim=1).indices.to(dtype=dtype, device=device)
 
 
+GLU_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
+def glu(h: Tensor, activation: str = "silu") -> Tensor:
+    """act(gate) * up for h = [gate | up]."""
+    gate, up = h.chunk(2, dim=-1)
+    return GLU_ACTIVATIONS[activation](gate) * up
+
+
 def swiglu(h: Tensor) -> Tensor:
     gate, up = h.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up

@@ -113,6 +113,17 @@ def test_resume_keeps_finished_stages(quick):
     assert os.path.exists(quick / "report.md")
 
 
-def test_resume_refuses_other_settings(quick):
-    with pytest.raises(ValueError, match="other settings.*seeds"):
-        run_demo(str(quick), quick=True, resume=True, seeds=5, progress=False)
+def test_resume_refuses_other_settings(quick, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("another corpus\n" * 20_000)
+    with pytest.raises(ValueError, match="other settings.*corpus"):
+        run_demo(str(quick), quick=True, resume=True, corpus=str(text), progress=False)
+
+
+def test_resume_with_more_seeds_adds_only_their_jobs(quick):
+    before = {p.name for p in (quick / "stages").iterdir()}
+    report = run_demo(str(quick), quick=True, resume=True, seeds=3, progress=False, jobs=1)
+    added = {p.name for p in (quick / "stages").iterdir()} - before
+    assert added == {"run_grouter_s2.json", "grouter_s2.json", "grouter_s2", "run_hash_balanced_s2.json",
+                     "run_learned_aux_s2.json"}
+    assert report["runs"]["grouter"]["seeds"] == 3 and report["runs"]["grouter_weak"]["seeds"] == 2

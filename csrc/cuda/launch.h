@@ -42,4 +42,10 @@ cudaError_t unpermute_backward(const void* grad_out, const void* y, const int32_
 cudaError_t coactivation(const void* ids, bool ids_int64, int64_t T, int64_t K, int64_t num_experts,
                          int64_t* C, cudaStream_t stream);
 
+// glu: a[r, c] = act(h[r, c]) * h[r, I + c] for h [rows, 2I]; glu_backward also writes
+// grad_h = [grad_a * up * act'(gate) | grad_a * act(gate)] and a. act: glu::Act as an int.
+cudaError_t glu(const void* h, void* a, int64_t rows, int64_t I, DType dtype, int act, cudaStream_t stream);
+cudaError_t glu_backward(const void* grad_a, const void* h, void* a, void* grad_h, int64_t rows, int64_t I,
+                         DType dtype, int act, cudaStream_t stream);
+
 }  // namespace grouter::cuda

@@ -1,11 +1,13 @@
 // CUDA registrations of the grouter ops: argument checks (shared with the CPU), the device guard,
 // allocation on the caching allocator, then the launchers of csrc/cuda/*.cu on the current stream.
 #include "checks.h"
+#include "glu_checks.h"
 #include "cuda_checks_switch.h"
 #include "index_checks.h"
 #include "cuda/launch.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -122,6 +124,33 @@ at::Tensor coactivation_cuda(const at::Tensor& expert_ids, int64_t num_experts) 
   return C;
 }
 
+at::Tensor glu_cuda(const at::Tensor& h_, c10::string_view activation) {
+  const auto sizes = glu::check_h("glu", h_);
+  const int act = static_cast<int>(glu::parse_activation(activation));
+  const c10::cuda::CUDAGuard guard(h_.device());
+  const at::Tensor h = h_.contiguous();
+  at::Tensor a = at::empty(sizes, h.options());
+  const int64_t I = sizes.back(), rows = I ? h.numel() / (2 * I) : 0;
+  C10_CUDA_CHECK(glu(h.const_data_ptr(), a.mutable_data_ptr(), rows, I, dtype_of(h), act, stream_of(h)));
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_backward_cuda(const at::Tensor& grad_a_, const at::Tensor& h_,
+                                                     c10::string_view activation) {
+  const auto sizes = glu::check_h("glu_backward", h_);
+  glu::check_grad_a(grad_a_, h_, sizes);
+  const int act = static_cast<int>(glu::parse_activation(activation));
+  const c10::cuda::CUDAGuard guard(h_.device());
+  const at::Tensor h = h_.contiguous();
+  const at::Tensor grad_a = grad_a_.contiguous();
+  at::Tensor a = at::empty(sizes, h.options());
+  at::Tensor grad_h = at::empty_like(h);
+  const int64_t I = sizes.back(), rows = I ? h.numel() / (2 * I) : 0;
+  C10_CUDA_CHECK(glu_backward(grad_a.const_data_ptr(), h.const_data_ptr(), a.mutable_data_ptr(),
+                              grad_h.mutable_data_ptr(), rows, I, dtype_of(h), act, stream_of(h)));
+  return {a, grad_h};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(grouter, CUDA, m) {
@@ -130,6 +159,8 @@ TORCH_LIBRARY_IMPL(grouter, CUDA, m) {
   m.impl("unpermute", &unpermute_cuda);
   m.impl("unpermute_backward", &unpermute_backward_cuda);
   m.impl("coactivation", &coactivation_cuda);
+  m.impl("glu", &glu_cuda);
+  m.impl("glu_backward", &glu_backward_cuda);
 }
 
 }  // namespace grouter::cuda

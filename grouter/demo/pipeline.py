@@ -115,13 +115,17 @@ def _stage_costs(ctx: Context, cfg: Config) -> Dict[str, Dict]:
     return cost
 
 
+SEED_COUNTS = ("seeds", "control_seeds", "other_seeds")
+
+
 def _check_config(ctx: Context, resume: bool) -> None:
-    """Stages of another configuration are never mixed in: --resume refuses a folder made with other settings."""
+    """Stages of another configuration are never mixed in: --resume refuses a folder made with other
+    settings. Seed counts may change: every job is one seed's, so more seeds add jobs."""
     import json
 
     ctx.stages.mkdir(parents=True, exist_ok=True)
     path = ctx.stages / "config.json"
-    mine = dict(config=dict(ctx.cfg), corpus=ctx.corpus_path, device=ctx.device)
+    mine = dict(config={k: v for k, v in ctx.cfg if k not in SEED_COUNTS}, corpus=ctx.corpus_path, device=ctx.device)
     if resume and path.exists():
         theirs = json.loads(path.read_text())
         if theirs != mine:

@@ -2,8 +2,9 @@
 
 Expert e owns rows ``offsets[e]:offsets[e+1]`` (what `grouter.ops.permute` produced), so each
 projection is one matmul per non-empty expert slice: no per-expert `index_select`, no masks.
-Forward saves only the input rows and the [N, 2I] gate/up projection; the [N, I] activation is
-recomputed in backward. Registered with torch.library (fake kernel, autograd), so a model that
+Between the projections the gated activation runs fused (``grouter::glu``: one pass forward, one
+backward, fp32 math for fp32/bf16/fp16). Forward saves only the input rows and the [N, 2I]
+gate/up projection; the [N, I] activation is recomputed by the fused backward. Registered with torch.library (fake kernel, autograd), so a model that
 uses it compiles with ``torch.compile(fullgraph=True)``: the data-dependent slicing stays inside
 the op. A gate given as an arbitrary callable takes the same computation through an autograd
 Function instead (eager only), as do host-side offsets (expert parallelism).
@@ -16,6 +17,8 @@ from typing import Callable, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import ops
 
 __all__ = ["expert_mlp", "glu", "ACTIVATIONS"]
 
@@ -72,9 +75,27 @@ _ACTIVATION_BACKWARD = {
 }
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused(h: Tensor) -> bool:
+    """grouter::glu's kernels (one pass, fp32 math) take h; fp64 and other devices use torch ops."""
+    return h.dtype in _FUSED_DTYPES and h.device.type in ("cpu", "cuda")
+
+
+def _glu(activation: str, h: Tensor) -> Tensor:
+    if _fused(h):
+        return ops.glu(h, activation)
+    gate, up = h.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate).mul_(up)
+
+
 def _glu_backward(activation: str, h: Tensor, grad_a: Tensor) -> Tuple[Tensor, Tensor]:
-    """(a, grad_h) of a = act(gate) * up, written straight into the halves of grad_h (no cat).
-    Explicit derivatives: the registered op's backward runs below autograd."""
+    """(a, grad_h) of a = act(gate) * up: one fused pass (grouter::glu_backward), else torch ops
+    written straight into the halves of grad_h. Explicit derivatives: the registered op's backward
+    runs below autograd."""
+    if _fused(h):
+        return torch.ops.grouter.glu_backward(grad_a.to(h.dtype), h, activation)
     gate, up = h.chunk(2, dim=-1)
     act_gate = ACTIVATIONS[activation](gate)
     grad_h = torch.empty_like(h)
@@ -96,11 +117,7 @@ def _gate_backward(gate_fn, h: Tensor, grad_a: Tensor) -> Tuple[Tensor, Tensor]:
 def _mlp_forward(rows: Tensor, slices: Slices, gate_up_proj: Tensor, down_proj: Tensor, gate) -> Tuple[Tensor, Tensor]:
     """(out [N, H], h = gate_up(rows) [N, 2I]); gate: an activation name or a callable of h."""
     h = _grouped_linear(rows, gate_up_proj, slices)
-    if isinstance(gate, str):  # act(gate) * up without a temporary
-        g, up = h.chunk(2, dim=-1)
-        a = ACTIVATIONS[gate](g).mul_(up)
-    else:
-        a = gate(h)
+    a = _glu(gate, h) if isinstance(gate, str) else gate(h)
     return _grouped_linear(a, down_proj, slices), h
 
 
@@ -206,10 +223,17 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
         gate = "silu"
     if isinstance(gate, str) and gate not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {gate!r}")
+    device = rows.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        # As autocast treats a linear layer: inputs and weights in its dtype, gradients flow back
+        # to the fp32 parameters through the casts.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return expert_mlp(rows.to(dtype), expert_offsets, gate_up_proj.to(dtype), down_proj.to(dtype), gate)
     if _grouped_mm_ok(rows, gate_up_proj) and rows.shape[0] > 0:
         offs = torch.as_tensor(expert_offsets, device=rows.device)[1:].to(torch.int32)
         h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
-        a = glu(h, ACTIVATIONS[gate]) if isinstance(gate, str) else gate(h)
+        a = _glu(gate, h) if isinstance(gate, str) else gate(h)
         return F.grouped_mm(a, down_proj.transpose(-2, -1), offs=offs)
     if isinstance(gate, str) and isinstance(expert_offsets, Tensor):
         return _expert_mlp_op(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]

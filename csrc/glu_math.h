@@ -1,0 +1,113 @@
+// Gated activations a = act(gate) * up and their derivatives, in fp32, for the CPU and CUDA GLU
+// kernels. Branch-free (selects, no calls into libm) so the CPU loops vectorise: exp is a
+// Cephes-style range reduction + polynomial (about 1 ulp over the clamped range), erf Eigen's
+// rational approximation (a few ulp), tanh from exp.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GROUTER_HD __host__ __device__ __forceinline__
+#else
+#define GROUTER_HD inline
+#endif
+
+namespace grouter::glu {
+
+// The activations of grouter.nn.expert_mlp, by the names the Python side uses.
+enum class Act : int { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
+
+GROUTER_HD float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+#endif
+}
+
+GROUTER_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// exp(x) for x clamped to [-87.3, 88.37]: x = n ln2 + r, exp(r) by a degree-7 polynomial, 2^n
+// by building the float's exponent bits.
+GROUTER_HD float exp_approx(float x) {
+  x = clampf(x, -87.3f, 88.37626f);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (no float->int branch, so the loop vectorises;
+  // -ffp-contract=off and no fast-math keep the two adds).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+GROUTER_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+GROUTER_HD float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+
+GROUTER_HD float erf_approx(float x) {
+  x = clampf(x, -4.0f, 4.0f);  // erf is +-1 in fp32 beyond
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhCubic = 0.044715f;
+
+// act(g)
+template <Act A>
+GROUTER_HD float act(float g) {
+  if constexpr (A == Act::silu) {
+    return g * sigmoid(g);
+  } else if constexpr (A == Act::gelu) {
+    return 0.5f * g * (1.0f + erf_approx(g * kSqrtHalf));
+  } else if constexpr (A == Act::gelu_tanh) {
+    return 0.5f * g * (1.0f + tanh_approx(kSqrt2OverPi * (g + kTanhCubic * g * g * g)));
+  } else {
+    return g <= 0.0f ? 0.0f : g;  // NaN passes, as torch.relu
+  }
+}
+
+// (act(g), act'(g))
+template <Act A>
+GROUTER_HD void act_and_derivative(float g, float& value, float& slope) {
+  if constexpr (A == Act::silu) {
+    const float s = sigmoid(g);
+    value = g * s;
+    slope = s * (1.0f + g * (1.0f - s));
+  } else if constexpr (A == Act::gelu) {
+    const float cdf = 0.5f * (1.0f + erf_approx(g * kSqrtHalf));
+    value = g * cdf;
+    slope = cdf + g * kInvSqrt2Pi * exp_approx(-0.5f * g * g);
+  } else if constexpr (A == Act::gelu_tanh) {
+    const float t = tanh_approx(kSqrt2OverPi * (g + kTanhCubic * g * g * g));
+    value = 0.5f * g * (1.0f + t);
+    slope = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * g * g);
+  } else {
+    value = g <= 0.0f ? 0.0f : g;
+    slope = g <= 0.0f ? 0.0f : 1.0f;
+  }
+}
+
+}  // namespace grouter::glu
