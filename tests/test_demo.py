@@ -95,8 +95,9 @@ def test_grouter_seeds_are_distilled_apart_and_routes_predispatched(quick, repor
     reader = PredispatchReader(stages / "grouter_s0" / "routes", g0)
     cfg = report["config"]
     assert len(reader) == cfg["target_tokens"] // (cfg["batch_size"] * cfg["seq_len"]) * cfg["batch_size"]
-    tokens, ids, _ = reader[0:4]
-    assert torch.equal(g0.route(tokens)[0], ids)
+    tokens, ids, _ = reader[0:8]
+    # The worker routed in other batches and with one thread: near-tied logits may round the other way.
+    assert (g0.route(tokens)[0] == ids).float().mean() > 0.99
 
 
 def test_plots_and_markdown(quick):
