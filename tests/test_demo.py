@@ -40,6 +40,7 @@ def test_every_run_with_its_seeds(report):
         assert run["per_seed"][0]["tokens"] == run["val_curve"][-1][0]
     for name in ("grouter", "hash_balanced", "learned_aux"):
         assert report["runs"][name]["seeds"] >= 2
+    assert report["config"]["val_windows"] >= 256
 
 
 def test_sources_tokenizer_and_budget(report):

@@ -69,7 +69,7 @@ PRESETS: Dict[str, Config] = {
     "quick": Config(vocab_size=1024, corpus_bytes=3_000_000, d_model=64, n_layers=2, n_heads=2, d_expert=64,
                     source_experts=8, target_experts=4, seq_len=64, batch_size=8, target_tokens=40_000,
                     source_tokens=200_000, distill_steps=60, distill_batches=8, tune_steps=30, tune_batches=8,
-                    grouter_d_model=64, grouter_layers=1, grouter_heads=2, eval_points=4, val_windows=64,
+                    grouter_d_model=64, grouter_layers=1, grouter_heads=2, eval_points=4, val_windows=256,
                     heldout_windows=16, seeds=2, control_seeds=2),
     # The paper's fine-grained regime: many small experts, top-8, folded 64 -> 32.
     "fine": Config(d_expert=32, source_experts=64, target_experts=32, top_k=8),
