@@ -52,17 +52,16 @@ def load_demo(path):
     from grouter.demo.subwords import load_token_corpus
 
     candidates = [path] if path else ["grouter_demo", str(Path(__file__).parent / ".grouter_quick")]
-    for c in candidates:
-        if (Path(c) / "stages" / "grouter_s0" / "config.json").exists():
-            break
-    else:
+    found = next((c for c in candidates if (Path(c) / "stages" / "grouter_s0" / "config.json").exists()), None)
+    where = found
+    if found is None:
         if path:
             raise SystemExit(f"bench_parallel: no finished demo in {path}")
-        c = candidates[-1]
-        run_demo(c, quick=True, resume=True, progress=False)
-        c += " (made now)"
-    root = Path(c.split(" (")[0]) / "stages"
-    return Grouter.load(root / "grouter_s0"), load_token_corpus(root / "tokens"), c
+        found = candidates[-1]
+        run_demo(found, quick=True, resume=True, progress=False)
+        where = found + " (made now)"
+    root = Path(found) / "stages"
+    return Grouter.load(root / "grouter_s0"), load_token_corpus(root / "tokens"), where
 
 
 def best_of_all_placements(ids, E, W):

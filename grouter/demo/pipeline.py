@@ -10,6 +10,7 @@ longest chain (the strong source, its Grouters, their runs) first.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -99,16 +100,10 @@ def run_jobs(ctx: Context, jobs: List[Job], workers: int, resume: bool) -> Dict[
     return results
 
 
-def _stage_costs(ctx: Context, cfg: Config) -> Dict[str, Dict]:
-    """Tokens and seconds of every stage, read back from the jobs' outputs."""
-    import json
-
-    cost: Dict[str, Dict] = {}
-    for which in ("strong", "weak"):
-        r = torch.load(source_path(ctx, which), weights_only=False)["result"]
-        cost[f"source_{which}"] = dict(tokens=r["tokens"], seconds=r["seconds"])
-    for name in GROUTER_RUNS:
-        metas = [json.loads((ctx.stages / f"{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
+def _stage_costs(sources: Dict[str, Dict], grouters: Dict[str, List[Dict]]) -> Dict[str, Dict]:
+    """Tokens and seconds of every stage, from the jobs' results."""
+    cost: Dict[str, Dict] = {f"source_{w}": dict(tokens=r["tokens"], seconds=r["seconds"]) for w, r in sources.items()}
+    for name, metas in grouters.items():
         for stage in ("distill", "tune", "predispatch"):
             cost[f"{stage}_{name}"] = dict(tokens=sum(m.get(f"{stage}_tokens", 0) for m in metas),
                                            seconds=sum(m[f"{stage}_seconds"] for m in metas))
@@ -121,8 +116,6 @@ SEED_COUNTS = ("seeds", "control_seeds", "other_seeds")
 def _check_config(ctx: Context, resume: bool) -> None:
     """Stages of another configuration are never mixed in: --resume refuses a folder made with other
     settings. Seed counts may change: every job is one seed's, so more seeds add jobs."""
-    import json
-
     ctx.stages.mkdir(parents=True, exist_ok=True)
     path = ctx.stages / "config.json"
     mine = dict(config={k: v for k, v in ctx.cfg if k not in SEED_COUNTS}, corpus=ctx.corpus_path, device=ctx.device)
@@ -139,8 +132,6 @@ def _check_config(ctx: Context, resume: bool) -> None:
 
 def _throughput(ctx: Context, resume: bool) -> Dict:
     """learned_aux vs pre-dispatched grouter vs hash_balanced, steps interleaved, one thread (as a job)."""
-    import json
-
     path = ctx.stages / "throughput.json"
     if resume and path.exists():
         return json.loads(path.read_text())
@@ -174,8 +165,6 @@ def versions() -> Dict[str, str]:
 def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset: str = "default",
              seeds: Optional[int] = None, device: str = "cpu", resume: bool = False, jobs: Optional[int] = None,
              progress: bool = True) -> Dict:
-    import json
-
     from .report import write_report
 
     t_start = time.perf_counter()
@@ -214,7 +203,7 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
     grouters = {name: [json.loads((ctx.stages / f"{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
                 for name in GROUTER_RUNS}
     sources = {w: torch.load(source_path(ctx, w), weights_only=False)["result"] for w in ("strong", "weak")}
-    cost = dict(tokenizer=dict(tokens=0, seconds=tok_seconds), **_stage_costs(ctx, cfg))
+    cost = dict(tokenizer=dict(tokens=0, seconds=tok_seconds), **_stage_costs(sources, grouters))
     for name, results in runs.items():
         cost[f"target_{name}"] = dict(tokens=sum(r["tokens"] for r in results),
                                       seconds=sum(r["seconds"] for r in results))

@@ -44,6 +44,11 @@ def comparisons(runs: Dict[str, List[Dict]]) -> List[Dict]:
     return out
 
 
+PREFIX_ONLY_MEASURES = ("the same trained model scored with prefix-only routes minus with its own: 0 for a causal "
+                        "Grouter; for a bidirectional one, the leak plus a route distribution the model never "
+                        "trained on")
+
+
 def leak_audit(runs: Dict[str, List[Dict]]) -> Dict:
     out = {}
     if "grouter_bidirectional" in runs and "grouter" in runs:
@@ -56,9 +61,7 @@ def leak_audit(runs: Dict[str, List[Dict]]) -> Dict:
     for name in GROUTER_RUNS:
         if name in runs:
             d = paired(_by_seed(runs[name], "leak_free_final_val_loss"), _by_seed(runs[name]))
-            prefix[name] = dict(**d, measures="the same trained model scored with prefix-only routes minus with "
-                                "its own: 0 for a causal Grouter; for a bidirectional one, the leak plus a route "
-                                "distribution the model never trained on")
+            prefix[name] = dict(**d, measures=PREFIX_ONLY_MEASURES)
     out["prefix_only_minus_own"] = prefix
     return out
 
@@ -188,8 +191,7 @@ def _markdown(r: Dict) -> str:
                      f"({bd['verdict']}). Measures {bd['measures']}.")
     for name, d in r["leak_audit"]["prefix_only_minus_own"].items():
         audit.append(f"- {name}, prefix-only routes - own routes: {d['mean_diff']:+.4f}, 95% CI {_ci(d['ci95'])}.")
-    audit.append("- Prefix-only minus own measures " + next(iter(r["leak_audit"]["prefix_only_minus_own"].values()),
-                                                            {}).get("measures", "") + ".")
+    audit.append(f"- Prefix-only minus own measures {PREFIX_ONLY_MEASURES}.")
     util = []
     for name, u in r["data_utilization"].items():
         for v in (u, u.get("vs_learned_aux")):
