@@ -1,6 +1,6 @@
 """Run from outside the repository with a CUDA torch: every compiled grouter op must have a CUDA
-kernel. Ops written in Python with torch.library.custom_op (grouter::expert_mlp) are composed of
-torch ops and registered for every device (CompositeExplicitAutograd)."""
+kernel. grouter::expert_mlp and its backward have a C++ CPU kernel and, for every other device, a
+Python composite of torch ops and grouter::glu (CompositeExplicitAutograd)."""
 
 import sys
 

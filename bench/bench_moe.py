@@ -3,7 +3,8 @@
     python bench/bench_moe.py [--tokens 8192] [--reps 10]
 
 1. transformers' OlmoeSparseMoeBlock (H=512, I=256, E=16, K=2, fp32) with its experts run by
-   `eager`, `grouped_mm` and `grouter`, on the same weights and inputs.
+   `eager`, `grouped_mm` and `grouter`, on the same weights and inputs; and its experts module
+   alone (`eager`, `grouter`) on fixed routes, as an attached Grouter runs it (no learned gate).
 2. grouter.nn.MoE on the same experts: fixed routing (a prepared Routing, as a Grouter gives)
    vs a learned softmax router + aux loss.
 
@@ -72,6 +73,18 @@ def olmoe_blocks(H, I, E, K, device, dtype=torch.float32):
     return blocks
 
 
+class RoutedExperts(torch.nn.Module):
+    """A transformers experts module called with fixed routes, as under an attached Grouter: the
+    experts implementation alone, without the block's learned gate."""
+
+    def __init__(self, experts, ids, weights):
+        super().__init__()
+        self.experts, self.ids, self.weights = experts, ids, weights
+
+    def forward(self, x):
+        return self.experts(x.view(-1, x.shape[-1]), self.ids, self.weights)
+
+
 def expert_gemm_floor(counts, H, I, device, dtype):
     """The six torch.mm per expert of a forward + backward at the routed row counts."""
     mats = []
@@ -130,8 +143,8 @@ def main():
     rate_floor = 18 * T * K * H * I / rate  # fwd 6*TK*H*I, bwd twice that
 
     x = torch.randn(1, T, H, device=dev, dtype=dtype, requires_grad=True)
-    cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x)
-             for impl, b in olmoe_blocks(H, I, E, K, dev, dtype).items()}
+    blocks = olmoe_blocks(H, I, E, K, dev, dtype)
+    cases = {f"OlmoeSparseMoeBlock experts={impl}": fwd_bwd(b, x) for impl, b in blocks.items()}
     torch.manual_seed(0)
     learned = gnn.MoE(H, I, E, K, router="softmax").to(device=dev, dtype=dtype)
     fixed = gnn.MoE(H, I, E, K).to(device=dev, dtype=dtype)
@@ -139,6 +152,8 @@ def main():
     with torch.no_grad():
         ids, w = learned.router(x.view(T, H))
     routing = gnn.Routing.prepare(ids, w, E)  # built once, as a Grouter's routes are per step
+    for impl in ("eager", "grouter"):
+        cases[f"Olmoe experts={impl}, fixed routes"] = fwd_bwd(RoutedExperts(blocks[impl].experts, ids, w), x)
     cases["grouter.nn.MoE learned softmax + aux loss"] = fwd_bwd(learned, x)
     cases["grouter.nn.MoE fixed routing"] = fwd_bwd(fixed, x, routing=routing)
     counts = routing.plan.expert_offsets.diff().tolist()
@@ -156,7 +171,9 @@ def main():
     print(f"{'layer (forward + backward)':44s} {'ms':>8s} {'x eager':>8s} {'% floor':>8s}")
     for name, t, speedup in rows:
         print(f"{name:44s} {t * 1e3:8.1f} {speedup:8.2f} {100 * floor / t:7.0f}%")
-    print(f"grouter vs eager experts: {eager / t_grouter:.2f}x; fixed vs learned routing: {t_learned / t_fixed:.2f}x")
+    print(f"grouter vs eager experts: {eager / t_grouter:.2f}x (block), "
+          f"{times['Olmoe experts=eager, fixed routes'] / times['Olmoe experts=grouter, fixed routes']:.2f}x "
+          f"(experts alone); fixed vs learned routing: {t_learned / t_fixed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ TORCH_LIBRARY(grouter, m) {
   m.def("glu(Tensor h, str activation) -> Tensor");
   // (a, grad_h) of glu: a recomputed (for the down projection's weight gradient) in the same pass.
   m.def("glu_backward(Tensor grad_a, Tensor h, str activation) -> (Tensor a, Tensor grad_h)");
+  // Expert e's rows expert_offsets[e]:[e+1] through its gated MLP: h = rows @ gate_up_proj[e]^T
+  // ([N, 2I], returned to be saved for backward), out = glu(h) @ down_proj[e]^T.
+  m.def("expert_mlp(Tensor rows, Tensor expert_offsets, Tensor gate_up_proj, Tensor down_proj, str activation) -> "
+        "(Tensor out, Tensor h)");
+  m.def("expert_mlp_backward(Tensor grad_out, Tensor rows, Tensor h, Tensor expert_offsets, Tensor gate_up_proj, "
+        "Tensor down_proj, str activation) -> (Tensor grad_rows, Tensor grad_gate_up, Tensor grad_down)");
 }
 
 PYBIND11_MODULE(_C, m) {

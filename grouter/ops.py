@@ -296,7 +296,7 @@ torch.library.register_autograd("grouter::glu", _glu_backward, setup_context=_gl
 torch.library.register_autograd("grouter::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
 
 
-def _no_double_backward(op: str):
+def no_double_backward(op: str):
     def backward(ctx, *grads):
         raise RuntimeError(f"grouter.{op}: second derivatives are not implemented (differentiating its "
                            "backward, e.g. a gradient penalty through a MoE layer, is not supported)")
@@ -305,5 +305,5 @@ def _no_double_backward(op: str):
 
 # Without a formula autograd would treat the backward ops as constants: silently zero second derivatives.
 for _op, _name in (("unpermute_backward", "unpermute"), ("glu_backward", "glu")):
-    torch.library.register_autograd(f"grouter::{_op}", _no_double_backward(_name),
+    torch.library.register_autograd(f"grouter::{_op}", no_double_backward(_name),
                                     setup_context=lambda ctx, inputs, output: None)

@@ -101,6 +101,17 @@ def swiglu(h: Tensor) -> Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def expert_mlp(rows: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+               activation: str = "silu"):
+    """(out, h) of grouter::expert_mlp: rows expert_offsets[e]:[e+1] through expert e's gated MLP."""
+    bounds = expert_offsets.tolist()
+    h = torch.cat([rows[s:t] @ gate_up_proj[e].t() for e, (s, t) in enumerate(zip(bounds, bounds[1:]))]
+                  + [rows.new_zeros(0, gate_up_proj.shape[1])])
+    out = torch.cat([glu(h[s:t], activation) @ down_proj[e].t() for e, (s, t) in enumerate(zip(bounds, bounds[1:]))]
+                    + [rows.new_zeros(0, down_proj.shape[1])])
+    return out, h
+
+
 def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
                 act=swiglu) -> Tensor:
     """A token's output: sum_k weights[t,k] * down[e](act(gate_up[e] x_t)), e = expert_ids[t,k].

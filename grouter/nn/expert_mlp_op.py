@@ -4,15 +4,17 @@ Expert e owns rows ``offsets[e]:offsets[e+1]`` (what `grouter.ops.permute` produ
 projection is one matmul per non-empty expert slice: no per-expert `index_select`, no masks.
 Between the projections the gated activation runs fused (``grouter::glu``: one pass forward, one
 backward, fp32 math for fp32/bf16/fp16). Forward saves only the input rows and the [N, 2I]
-gate/up projection; the [N, I] activation is recomputed by the fused backward. Registered with torch.library (fake kernel, autograd), so a model that
-uses it compiles with ``torch.compile(fullgraph=True)``: the data-dependent slicing stays inside
-the op. A gate given as an arbitrary callable takes the same computation through an autograd
-Function instead (eager only), as do host-side offsets (expert parallelism).
-"""
+gate/up projection; the [N, I] activation is recomputed by the fused backward. The op is defined in
+C++ with its CPU kernel (csrc/cpu/expert_mlp.cpp: one expert at a time, its activation between its
+GEMMs while still in cache); other devices run the Python composite here. Fake kernel and autograd
+are registered here too, so a model that uses it compiles with ``torch.compile(fullgraph=True)``:
+the data-dependent slicing stays inside the op. A gate given as an arbitrary callable takes the
+same computation through an autograd Function instead (eager only), as do host-side offsets
+(expert parallelism)."""
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +41,33 @@ def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
 Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
 
 
-def _slices(expert_offsets: Union[Tensor, Sequence[int]], rows: int) -> Slices:
+def _slices(expert_offsets: Union[Tensor, Sequence[int]], rows: int, experts: Optional[int] = None) -> Slices:
     # One device-to-host copy per call (none for host offsets), not one per expert.
     bounds = expert_offsets.tolist() if isinstance(expert_offsets, Tensor) else list(expert_offsets)
     # Offsets that do not tile [0, rows) would leave rows unwritten (garbage out) or read past them.
-    if not bounds or bounds[0] != 0 or bounds[-1] != rows or any(b > a for a, b in zip(bounds[1:], bounds)):
-        raise ValueError(f"grouter.expert_mlp: expert offsets must rise from 0 to the {rows} rows, got "
+    if (not bounds or bounds[0] != 0 or bounds[-1] != rows or any(b > a for a, b in zip(bounds[1:], bounds))
+            or (experts is not None and len(bounds) != experts + 1)):
+        over = "" if experts is None else f" over the {experts} experts ({experts + 1} values)"
+        raise ValueError(f"grouter.expert_mlp: expert offsets must rise from 0 to the {rows} rows{over}, got "
                          f"{bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-8:]}")
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+
+
+def _check_op_args(rows: Tensor, gate_up_proj: Tensor, down_proj: Tensor, activation: str) -> None:
+    """What the CPU kernel checks (csrc/cpu/expert_mlp.cpp), for the composite other devices run."""
+    if rows.dim() != 2 or not rows.is_floating_point():
+        raise ValueError(f"grouter.expert_mlp: rows must be a floating [N, H] tensor, got {tuple(rows.shape)} {rows.dtype}")
+    H = rows.shape[1]
+    if gate_up_proj.dim() != 3 or gate_up_proj.shape[2] != H or gate_up_proj.shape[1] % 2:
+        raise ValueError(f"grouter.expert_mlp: gate_up_proj must be [E, 2I, H={H}], got {tuple(gate_up_proj.shape)}")
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    if tuple(down_proj.shape) != (E, H, I):
+        raise ValueError(f"grouter.expert_mlp: down_proj must be [E={E}, H={H}, I={I}], got {tuple(down_proj.shape)}")
+    if not rows.dtype == gate_up_proj.dtype == down_proj.dtype:
+        raise ValueError(f"grouter.expert_mlp: rows, gate_up_proj and down_proj must share a dtype, got "
+                         f"{rows.dtype}, {gate_up_proj.dtype}, {down_proj.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"grouter.glu: unknown activation {activation!r} (have {', '.join(ACTIVATIONS)})")
 
 
 def _grouped_linear(x: Tensor, weight: Tensor, slices: Slices) -> Tensor:
@@ -141,26 +162,36 @@ def _mlp_backward(grad_out: Tensor, rows: Tensor, h: Tensor, slices: Slices, gat
 
 
 # --- the registered op (activations by name) ----------------------------------------------------
+# grouter::expert_mlp is defined in csrc/ops.cpp with its CPU kernel in csrc/cpu/expert_mlp.cpp
+# (per-expert GEMMs with the fused activation between them, recycled outputs). Other devices run
+# the composite below (per-expert torch.mm and grouter::glu's kernels).
 
-@torch.library.custom_op("grouter::expert_mlp", mutates_args=())
-def _expert_mlp_op(rows: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-                   activation: str) -> Tuple[Tensor, Tensor]:
-    return _mlp_forward(rows, _slices(expert_offsets, rows.shape[0]), gate_up_proj, down_proj, activation)
+def _expert_mlp_composite(rows, expert_offsets, gate_up_proj, down_proj, activation):
+    _check_op_args(rows, gate_up_proj, down_proj, activation)
+    slices = _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
+    return _mlp_forward(rows, slices, gate_up_proj, down_proj, activation)
 
 
-@_expert_mlp_op.register_fake
+def _expert_mlp_backward_composite(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation):
+    _check_op_args(rows, gate_up_proj, down_proj, activation)
+    if grad_out.shape != rows.shape or grad_out.dtype != rows.dtype or h.shape != (rows.shape[0], gate_up_proj.shape[1]):
+        raise ValueError(f"grouter.expert_mlp_backward: grad_out must be [N, H] = {tuple(rows.shape)} and h [N, 2I] = "
+                         f"{(rows.shape[0], gate_up_proj.shape[1])} in {rows.dtype}, got {tuple(grad_out.shape)} "
+                         f"{grad_out.dtype} and {tuple(h.shape)}")
+    slices = _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
+    return _mlp_backward(grad_out, rows, h, slices, gate_up_proj, down_proj, activation, (True, True, True))
+
+
+torch.library.impl("grouter::expert_mlp", "default", _expert_mlp_composite)
+torch.library.impl("grouter::expert_mlp_backward", "default", _expert_mlp_backward_composite)
+
+
+@torch.library.register_fake("grouter::expert_mlp")
 def _(rows, expert_offsets, gate_up_proj, down_proj, activation):
     return rows.new_empty(rows.shape[0], down_proj.shape[1]), rows.new_empty(rows.shape[0], gate_up_proj.shape[1])
 
 
-@torch.library.custom_op("grouter::expert_mlp_backward", mutates_args=())
-def _expert_mlp_backward_op(grad_out: Tensor, rows: Tensor, h: Tensor, expert_offsets: Tensor, gate_up_proj: Tensor,
-                            down_proj: Tensor, activation: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return _mlp_backward(grad_out, rows, h, _slices(expert_offsets, rows.shape[0]), gate_up_proj, down_proj, activation,
-                         (True, True, True))
-
-
-@_expert_mlp_backward_op.register_fake
+@torch.library.register_fake("grouter::expert_mlp_backward")
 def _(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation):
     return torch.empty_like(rows), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 
@@ -169,16 +200,23 @@ def _setup_context(ctx, inputs, output):
     rows, expert_offsets, gate_up_proj, down_proj, activation = inputs
     ctx.save_for_backward(rows, output[1], expert_offsets, gate_up_proj, down_proj)
     ctx.activation = activation
+    # h is an output only to be saved: not differentiable, and no zero [N, 2I] gradient made for it.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_h):
+    if grad_out is None:
+        return None, None, None, None, None
     rows, h, expert_offsets, gate_up_proj, down_proj = ctx.saved_tensors
-    grad_rows, grad_gate_up, grad_down = _expert_mlp_backward_op(grad_out, rows, h, expert_offsets, gate_up_proj,
-                                                                 down_proj, ctx.activation)
+    grad_rows, grad_gate_up, grad_down = torch.ops.grouter.expert_mlp_backward(
+        grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, ctx.activation)
     return grad_rows, None, grad_gate_up, grad_down, None
 
 
-_expert_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("grouter::expert_mlp", _backward, setup_context=_setup_context)
+torch.library.register_autograd("grouter::expert_mlp_backward", ops.no_double_backward("expert_mlp"),
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 # --- any gate callable, host offsets ------------------------------------------------------------
@@ -236,5 +274,6 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
         a = _glu(gate, h) if isinstance(gate, str) else gate(h)
         return F.grouped_mm(a, down_proj.transpose(-2, -1), offs=offs)
     if isinstance(gate, str) and isinstance(expert_offsets, Tensor):
-        return _expert_mlp_op(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]
-    return _ExpertMLP.apply(rows, gate_up_proj, down_proj, _slices(expert_offsets, rows.shape[0]), gate)
+        return torch.ops.grouter.expert_mlp(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]
+    slices = _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
+    return _ExpertMLP.apply(rows, gate_up_proj, down_proj, slices, gate)
