@@ -16,6 +16,9 @@ here into bench/.grouter_quick): its distilled Grouter of seed 0 routing its BPE
                  global batch's routes: no count exchange
      affinity    affinity placement, data order, routes ahead
      aff+assign  affinity placement, each sequence on the rank hosting most of its pairs, routes ahead
+     dp2 x ep    (4 ranks) expert x data parallelism on a ("dp", "ep") = 2 x 2 DeviceMesh: each
+                 data-parallel half of the batch runs aff+assign over 2 expert-parallel ranks; the
+                 experts' gradients are then summed over "dp" (their bytes in their own column)
 """
 
 from __future__ import annotations
@@ -119,6 +122,13 @@ def make_inputs(g, corpus, A, args, path):
         order = contiguous_sample_ranks(args.batch, W)
         assigned = torch.stack([assign_samples(ids[s], placements["affinity"]) for s in range(steps)])
         per_world[W] = dict(placements=placements, order=order, assigned=assigned)
+        if W % 2 == 0 and W >= 4:  # 2 data-parallel replicas of W/2 expert-parallel ranks
+            ep = W // 2
+            dp_placement = place_experts(A, ep)
+            half = args.batch // 2
+            dp_assigned = torch.stack([torch.cat([d * ep + assign_samples(ids[s][d * half:(d + 1) * half], dp_placement)
+                                                  for d in range(2)]) for s in range(steps)])
+            per_world[W].update(dp_placement=dp_placement, dp_assigned=dp_assigned)
     torch.save(dict(ids=ids, weights=w, per_world=per_world, E=g.num_experts, K=g.top_k), path)
 
 
@@ -169,8 +179,9 @@ def main():
         return
     print(f"\nSteps: {args.layers} MoE layers, H={args.hidden} I={args.intermediate}, global batch {args.batch} x "
           f"{args.seq} tokens, fp32, gloo, {args.steps} timed steps (median), one thread per rank\n")
-    print("| ranks | config | step ms | vs exchange | MiB sent / step | count exchanges / step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| ranks | config | step ms | vs exchange | MiB sent / step | count exchanges / step | "
+          "MiB expert grads summed over dp / step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         inputs = str(Path(tmp) / "inputs.pt")
         make_inputs(g, corpus, A, args, inputs)
@@ -179,7 +190,8 @@ def main():
             base = results["exchange"]["step_s"]
             for name, r in results.items():
                 print(f"| {W} | {name} | {r['step_s'] * 1e3:.1f} | {base / r['step_s']:.2f}x | "
-                      f"{r['bytes_per_step'] / 2**20:.1f} | {r['count_exchanges_per_step']:.0f} |", flush=True)
+                      f"{r['bytes_per_step'] / 2**20:.1f} | {r['count_exchanges_per_step']:.0f} | "
+                      f"{r['dp_grad_bytes_per_step'] / 2**20:.1f} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +200,7 @@ def main():
 
 def worker(args):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     from grouter import nn as gnn
     from grouter.parallel import ExpertParallelMoE, comm_stats, reset_comm_stats, routes_by_rank
@@ -201,22 +214,36 @@ def worker(args):
     steps, B, S, _ = ids.shape
     torch.manual_seed(0)
     layers = [gnn.MoE(args.hidden, args.intermediate, E, K) for _ in range(args.layers)]
+    configs = dict(CONFIGS)
     models = {name: [ExpertParallelMoE(m, placement=setup["placements"][placement]) for m in layers]
               for name, (placement, _, _) in CONFIGS.items()}
-    times = {name: [] for name in CONFIGS}
-    sent = dict.fromkeys(CONFIGS, 0)
-    exchanges = dict.fromkeys(CONFIGS, 0)
+    ep = W
+    if "dp_placement" in setup:
+        configs["dp2 x ep"] = ("dp", True, True)
+        ep = W // 2
+        mesh = init_device_mesh("cpu", (2, ep), mesh_dim_names=("dp", "ep"))
+        models["dp2 x ep"] = [ExpertParallelMoE(m, placement=setup["dp_placement"], mesh=mesh) for m in layers]
+    times = {name: [] for name in configs}
+    sent = dict.fromkeys(configs, 0)
+    exchanges = dict.fromkeys(configs, 0)
+    dp_bytes = dict.fromkeys(configs, 0)
     for step in range(steps):
         x_all = torch.randn(B, S, args.hidden, generator=torch.Generator().manual_seed(step))
-        for name, (_, assign, ahead) in CONFIGS.items():  # interleaved: drifts of the machine hit all alike
+        for name, (placement, assign, ahead) in configs.items():  # interleaved: drifts hit all alike
             ranks = setup["assigned"][step] if assign else setup["order"]
+            if placement == "dp":
+                ranks = setup["dp_assigned"][step]
             mine = (ranks == rank).nonzero().flatten()
             x = x_all[mine].reshape(-1, args.hidden).requires_grad_(True)
             step_ids, step_w = ids[step][mine].reshape(-1, K), weights[step][mine].reshape(-1, K)
             dist.barrier()
             reset_comm_stats()
             t0 = time.perf_counter()
-            if ahead:
+            if placement == "dp":  # the routes of this replica's half, over its expert-parallel ranks
+                half = (ranks // ep == rank // ep).nonzero().flatten()
+                every = routes_by_rank(ids[step][half], ranks[half] % ep, ep)
+                routing = models[name][0].prepare(step_ids, step_w, global_expert_ids=every)
+            elif ahead:
                 every = routes_by_rank(ids[step], ranks, W)
                 routing = models[name][0].prepare(step_ids, step_w, global_expert_ids=every)
             else:
@@ -232,15 +259,17 @@ def worker(args):
                 times[name].append(elapsed)
                 sent[name] += s.bytes_sent
                 exchanges[name] += s.count_exchanges
+                dp_bytes[name] += s.dp_grad_bytes
     timed = steps - args.warmup
-    for name in CONFIGS:
-        totals = torch.tensor([float(sent[name]), float(exchanges[name]), statistics.median(times[name])],
-                              dtype=torch.float64)
+    for name in configs:
+        totals = torch.tensor([float(sent[name]), float(exchanges[name]), statistics.median(times[name]),
+                               float(dp_bytes[name])], dtype=torch.float64)
         dist.all_reduce(totals)
         if rank == 0:
             print("RESULT " + json.dumps(dict(config=name, step_s=float(totals[2]) / W,
                                               bytes_per_step=float(totals[0]) / timed,
-                                              count_exchanges_per_step=float(totals[1]) / timed / W)), flush=True)
+                                              count_exchanges_per_step=float(totals[1]) / timed / W,
+                                              dp_grad_bytes_per_step=float(totals[3]) / timed)), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,13 +1,20 @@
-"""Train a small MoE language model with expert parallelism and routes known ahead.
+"""Train a small MoE language model with expert x data parallelism and routes known ahead.
 
-    torchrun --nproc-per-node 2 examples/train_expert_parallel.py                 # gloo, CPU
-    torchrun --nproc-per-node 8 examples/train_expert_parallel.py --backend nccl --device cuda
+    torchrun --nproc-per-node 2 examples/train_expert_parallel.py                  # 2 EP ranks, gloo, CPU
+    torchrun --nproc-per-node 4 examples/train_expert_parallel.py --dp 2 --save ckpt   # 2 EP x 2 DP
+    torchrun --nproc-per-node 4 examples/train_expert_parallel.py --dp 2 --resume ckpt --save ckpt
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        examples/train_expert_parallel.py --dp 2 --backend nccl --device cuda           # several nodes
 
-Every rank draws the same global batch of byte sequences (the demo corpus) and routes all of it
-with the same frozen Grouter, so each rank knows every rank's routes: the all-to-all split sizes
-of every MoE layer come without a count exchange. Experts are placed on ranks by the Grouter's
-co-activation affinity and each sequence goes to the rank hosting most of its routes. Dense
-weights are replicated (their gradients all-reduced); experts are split over the ranks.
+The ranks form a ("dp", "ep") DeviceMesh: experts are DTensor shards over "ep" (replicated over
+"dp"), the dense weights are FSDP2-sharded over the same mesh (grouter.parallel.fully_shard_dense).
+Every rank draws the same global batch of byte sequences (the demo corpus) and routes all of it with
+the same frozen Grouter, so each rank knows every rank's routes: the all-to-all split sizes come
+without a count exchange. Experts are placed on ranks by the Grouter's co-activation affinity (the
+Grouter relabelled so each rank's experts are consecutive: checkpoints list experts in order), each
+data-parallel replica takes its share of the batch, and inside it each sequence goes to the rank
+hosting most of its routes. Checkpoints are torch.distributed.checkpoint folders (model, optimizer,
+step): they load on any number of ranks.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 
 from grouter import Grouter, affinity
 from grouter.demo.corpus import VOCAB, Corpus, load_corpus
 from grouter.demo.lm import MoELM
 from grouter.parallel import (ExpertParallelMoE, assign_samples, comm_stats, contiguous_placement,
-                              contiguous_sample_ranks, cross_rank_fraction, place_experts, reset_comm_stats,
-                              routes_by_rank)
+                              contiguous_sample_ranks, cross_rank_fraction, fully_shard_dense, global_mean,
+                              place_experts, relabel_experts, reset_comm_stats, routes_by_rank)
 
 
 def parse_args(argv=None):
@@ -45,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="gloo")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (the ranks are dp x ep)")
+    p.add_argument("--save", help="write a DCP checkpoint (model, optimizer, step) here at the end")
+    p.add_argument("--resume", help="continue from this DCP checkpoint (--steps more steps)")
     return p.parse_args(argv)
 
 
@@ -56,6 +69,13 @@ def main(argv=None) -> float:
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world % args.dp:
+        raise SystemExit(f"--dp {args.dp} does not divide the {world} ranks")
+    ep = world // args.dp
+    mesh = init_device_mesh(device.type, (args.dp, ep), mesh_dim_names=("dp", "ep"))
+    if args.dp == 1:
+        mesh = mesh["ep"]  # expert parallelism alone: a 1-D mesh
+    dp_rank, ep_rank = divmod(rank, ep)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     corpus = Corpus(*load_corpus())
@@ -68,53 +88,64 @@ def main(argv=None) -> float:
         g = Grouter(VOCAB, args.experts, args.top_k, d_model=64, n_layers=1, n_heads=2)
     g = g.to(device).eval().requires_grad_(False)
     E = g.num_experts
+    placement = contiguous_placement(E, ep)
     if args.placement == "affinity":
-        placement = place_experts(affinity(g, [next(corpus.train_batches(10_000 + i, 16, args.seq)) for i in range(4)]),
-                                  world)
-    else:
-        placement = contiguous_placement(E, world)
+        batches = [next(corpus.train_batches(10_000 + i, 16, args.seq)) for i in range(4)]
+        g, placement = relabel_experts(g, place_experts(affinity(g, batches), ep))
 
     model = MoELM(args.d_model, args.layers, 4, E, g.top_k, args.d_model, args.seed).to(device)
     for block in model.blocks:
-        block.moe = ExpertParallelMoE(block.moe, placement=placement)
-    dense = [p for n, p in model.named_parameters() if ".experts." not in n]
+        block.moe = ExpertParallelMoE(block.moe, placement=placement, mesh=mesh)
+    fully_shard_dense(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    log(f"{world} ranks, {E} experts top-{g.top_k}, placement {placement.tolist()}, "
-        f"rank 0 hosts {model.blocks[0].moe.local_experts}")
+    start = 0
+    if args.resume:
+        model_state, optim_state = get_state_dict(model, opt)
+        state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
+        dcp.load(state, checkpoint_id=args.resume)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = int(state["step"])
+    log(f"{world} ranks = {args.dp} dp x {ep} ep, {E} experts top-{g.top_k}, rank 0 hosts "
+        f"{model.blocks[0].moe.local_experts}" + (f", resumed at step {start}" if start else ""))
 
     data = corpus.train_batches(args.seed, args.batch, args.seq)
+    for _ in range(start):  # the batches the checkpoint's steps used
+        next(data)
+    share = args.batch // args.dp
     started, tokens, loss_avg = time.perf_counter(), 0, float("nan")
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, start + args.steps + 1):
         batch = next(data).to(device)  # the same global batch on every rank
         with torch.no_grad():
             ids, w = g.route(batch)  # routes of the whole global batch, known before the step
-        ranks = contiguous_sample_ranks(args.batch, world) if args.no_assign else assign_samples(ids.cpu(), placement)
-        mine = (ranks == rank).nonzero().flatten().to(device)
-        every = [r.cpu() for r in routes_by_rank(ids, ranks, world)]  # host copies: split sizes
+        lo = dp_rank * share  # this data-parallel replica's sequences, then this rank's among them
+        batch, ids, w = batch[lo:lo + share], ids[lo:lo + share], w[lo:lo + share]
+        ranks = contiguous_sample_ranks(share, ep) if args.no_assign else assign_samples(ids.cpu(), placement)
+        mine = (ranks == ep_rank).nonzero().flatten().to(device)
+        every = [r.cpu() for r in routes_by_rank(ids, ranks, ep)]  # host copies: split sizes
         reset_comm_stats()
         routing = model.blocks[0].moe.prepare(ids[mine], w[mine], global_expert_ids=every)  # once for all layers
         x = batch[mine]
         logits = model(x, routing)
-        # Scaled so that the ranks' losses sum to the mean over the global batch.
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
-        loss = loss / (args.batch * (args.seq - 1))
+        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
+        loss = global_mean(loss_sum, x.shape[0] * (args.seq - 1))  # this rank's share of the global mean
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in dense:  # replicated weights: sum the ranks' gradients (experts already have theirs)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        loss.backward()  # gradients summed over ranks: FSDP2 for dense weights, EP for experts
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the global norm (DTensors)
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
         tokens += args.batch * args.seq
-        loss_avg = total.item() if step == 1 else 0.9 * loss_avg + 0.1 * total.item()
-        if step == 1 or step % args.log_every == 0 or step == args.steps:
+        loss_avg = total.item() if step == start + 1 else 0.9 * loss_avg + 0.1 * total.item()
+        if step == start + 1 or step % args.log_every == 0 or step == start + args.steps:
             s = comm_stats()
             crossing = cross_rank_fraction(ids.cpu(), placement, ranks)
-            log(f"step {step}: loss {loss_avg:.3f}, {tokens / (time.perf_counter() - started):,.0f} tok/s, "
+            log(f"step {step}: loss {loss_avg:.3f} (this step {total.item():.5f}), {tokens / (time.perf_counter() - started):,.0f} tok/s, "
                 f"sent {s.bytes_sent / 2**20:.2f} MiB/step from rank 0, count exchanges {s.count_exchanges}, "
                 f"pairs crossing ranks {crossing:.1%}")
+    if args.save:
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=args.save)
+        log(f"saved step {step} to {args.save}")
     dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts at exit)
     dist.destroy_process_group()
     return loss_avg

@@ -77,7 +77,7 @@ def new_model(cfg: Config, corpus: TokenCorpus, num_experts: int, seed: int, rou
 def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[[int, Tensor], Routes]],
                aux: bool = False) -> Tensor:
     """One optimizer step on the batch x: next-token loss (plus the routers' aux loss with `aux`)."""
-    from ..nn import Routing
+    from ..nn import Routing, update_router_biases
     from .lm import AUX_LOSS_COEF
 
     routing = Routing.prepare(*step_routes(step, x), model.num_experts) if step_routes is not None else None
@@ -89,6 +89,7 @@ def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    update_router_biases(model)  # the sigmoid routers' load-balancing bias, once per step
     return loss
 
 

@@ -51,6 +51,7 @@ class Attachment:
         self.replay: Optional[_Routes] = None  # routes of the forward whose backward runs now
         self.handles: list = []
         self.previous_implementation: Optional[str] = None
+        self.frozen: List[tuple] = []  # (gate parameter, its requires_grad before attach)
 
     # --- one forward ------------------------------------------------------------------------------
 
@@ -216,6 +217,11 @@ def attach(model: nn.Module, grouter_model: Any) -> nn.Module:
         gate._grouter_original_forward = gate.forward
         gate._grouter_attachment = block.experts._grouter_attachment = att
         gate.forward = types.MethodType(_gate_forward, gate)
+        # The bypassed gate gets no gradient: frozen, so DDP (default arguments) does not wait for
+        # one and optimizers leave it as it is. detach restores each parameter's flag.
+        for p in gate.parameters(recurse=True):
+            att.frozen.append((p, p.requires_grad))
+            p.requires_grad_(False)
     if hasattr(model, "set_experts_implementation"):
         att.previous_implementation = getattr(model.config, "_experts_implementation", None)
         model.set_experts_implementation("grouter")
@@ -267,6 +273,8 @@ def detach(model: nn.Module) -> nn.Module:
         return model
     for handle in att.handles:
         handle.remove()
+    for p, requires_grad in att.frozen:
+        p.requires_grad_(requires_grad)
     for _, block, attr in att.blocks:
         gate = getattr(block, attr)
         if hasattr(gate, "_grouter_original_forward"):

@@ -4,7 +4,8 @@ from .expert_mlp_op import ACTIVATIONS, expert_mlp, glu
 from .experts import Experts
 from .moe import MoE
 from .balance import expert_load, load_cv, max_vio
-from .learned_routers import SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss
+from .learned_routers import (SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss,
+                              update_router_biases)
 from .attention import Attention
 from .blocks import moe_blocks
 from .grouping import fold_groups
@@ -13,5 +14,5 @@ from .routing import Routing
 __all__ = [
     "MoE", "Experts", "Attention", "fold_groups", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing",
     "SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_vio", "load_cv",
-    "expert_load",
+    "expert_load", "update_router_biases",
 ]

@@ -3,32 +3,56 @@
 - `SoftmaxTopKRouter`: softmax over a linear gate, top-k, optional renormalisation of the k
   weights; exposes the Switch/GShard load-balancing loss and the router z-loss of its last
   forward as `aux_loss` and `z_loss` for the training loop to add.
-- `SigmoidTopKRouter`: DeepSeek-V3 style sigmoid scores; an expert bias, moved after every
-  training forward towards equal load (not learned by gradient), shifts which experts are chosen
-  but not their weights: auxiliary-loss-free balancing.
+- `SigmoidTopKRouter`: DeepSeek-V3 style sigmoid scores; an expert bias (not learned by
+  gradient) shifts which experts are chosen but not their weights: auxiliary-loss-free balancing.
+  Training forwards only count each expert's load; `update_bias()` (or `update_router_biases(model)`)
+  moves the bias once per step, after the optimizer step, from the load summed over the data-parallel
+  ranks. Outside forward, so an activation-checkpoint recompute routes exactly as its forward did.
 
 Both take tokens [T, H] and return (expert_ids [T, K] int64, weights [T, K]).
+
+Data parallelism: the softmax router's aux loss balances this rank's tokens by default; with
+`aux_loss_group` set (a process group, or "world") its expert counts are summed over that group
+first, the global-batch balance loss (each rank's probabilities, the global batch's loads).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-__all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss"]
+__all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "update_router_biases"]
 
 
-def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+def _expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
+    # scatter_add, not bincount: a fixed output shape, which torch.compile traces without a break.
+    ids = expert_ids.reshape(-1)
+    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
+
+
+def _summed(counts: Tensor, group: Any) -> Tensor:
+    """counts summed over a process group ("world" = the default group; None = this rank's own)."""
+    if group is None or not dist.is_initialized():
+        return counts
+    counts = counts.clone()
+    dist.all_reduce(counts, group=None if group == "world" else group)
+    return counts
+
+
+def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int, group: Any = None) -> Tensor:
     """Switch/GShard auxiliary loss E * sum_i f_i * P_i (1 when perfectly balanced).
 
     f_i: fraction of the T*K routed slots that went to expert i; P_i: mean router probability of i.
+    With `group` the slots are counted over the whole group's batch (global-batch balancing); P_i
+    stays this rank's (its gradient is local).
     """
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
-    f = counts / max(expert_ids.numel(), 1)
+    counts = _summed(_expert_counts(expert_ids, num_experts), group).to(probs.dtype)
+    f = counts / counts.sum().clamp(min=1)
     return num_experts * (f * probs.mean(0)).sum()
 
 
@@ -45,11 +69,12 @@ class SoftmaxTopKRouter(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool = True,
-                 device=None, dtype=None):
+                 aux_loss_group: Any = None, device=None, dtype=None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.aux_loss_group = aux_loss_group  # None: this rank's batch; a group or "world": the global batch
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
         self.aux_loss: Optional[Tensor] = None
@@ -65,7 +90,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.last_ids = ids
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        self.aux_loss = load_balancing_loss(probs, ids, self.num_experts)
+        self.aux_loss = load_balancing_loss(probs, ids, self.num_experts, self.aux_loss_group)
         self.z_loss = router_z_loss(logits)
         return ids, weights.to(x.dtype)
 
@@ -76,8 +101,10 @@ class SoftmaxTopKRouter(nn.Module):
 class SigmoidTopKRouter(nn.Module):
     """DeepSeek-V3's aux-loss-free router: sigmoid scores, top k chosen with a per-expert bias.
 
-    The bias (a buffer) moves towards equal load by `bias_update_rate` per training forward, not by
-    gradient; weights are the chosen experts' unbiased scores, normalised, times `scaling`.
+    The bias (a buffer) is not learned by gradient: training forwards add each expert's routed
+    slots to `expert_load`, and `update_bias()`, called once per step after the optimizer step,
+    moves the bias by `bias_update_rate` towards equal load (sign rule) and clears the count.
+    Weights are the chosen experts' unbiased scores, normalised, times `scaling`.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, bias_update_rate: float = 1e-3,
@@ -90,6 +117,8 @@ class SigmoidTopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
+        # Slots routed to each expert since the last update_bias (this rank's training forwards).
+        self.register_buffer("expert_load", torch.zeros(num_experts, device=device), persistent=False)
         self.aux_loss: Optional[Tensor] = None  # none: balance comes from the bias
         self.z_loss: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None
@@ -102,15 +131,32 @@ class SigmoidTopKRouter(nn.Module):
         self.last_ids = ids
         weights = scores.gather(1, ids)
         weights = self.scaling * weights / weights.sum(dim=-1, keepdim=True)
-        if self.training and self.bias_update_rate > 0:
-            self.update_bias(ids)
+        # Count in training forwards, but not in an activation-checkpoint recompute (it runs inside
+        # the backward pass): that forward was counted already.
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+        if self.training and not recomputing:
+            with torch.no_grad():
+                self.expert_load += _expert_counts(ids, self.num_experts)
         return ids, weights.to(x.dtype)
 
     @torch.no_grad()
-    def update_bias(self, expert_ids: Tensor) -> None:
-        """Raise the bias of under-loaded experts and lower it for over-loaded ones (sign rule)."""
-        load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).float()
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+    def update_bias(self, group: Any = "world") -> None:
+        """Move the bias towards equal load, from the load counted since the last call (summed over
+        `group`: "world" = every rank when torch.distributed is initialised, a process group, or
+        None for this rank alone), then clear the count. Call once per step, after optimizer.step()."""
+        load = _summed(self.expert_load, group)
+        if self.bias_update_rate > 0 and load.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, bias_update_rate={self.bias_update_rate}"
+
+
+def update_router_biases(model: nn.Module, group: Any = "world") -> int:
+    """`update_bias(group)` on every SigmoidTopKRouter of the model; returns how many there were.
+    Call after each optimizer step; every rank of `group` must call it (an all-reduce)."""
+    routers = [m for m in model.modules() if isinstance(m, SigmoidTopKRouter)]
+    for router in routers:
+        router.update_bias(group)
+    return len(routers)

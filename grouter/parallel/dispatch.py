@@ -30,7 +30,7 @@ from .. import ops
 from ..nn.routing import flatten_routing
 from .placement import PlacementLike, check_placement, contiguous_placement, slots
 
-__all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all", "group_info"]
+__all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all", "group_info", "count_comm"]
 
 
 @dataclass
@@ -42,6 +42,7 @@ class CommStats:
     bytes_sent: int = 0       # activation bytes sent to *other* ranks
     count_bytes_sent: int = 0
     route_checks: int = 0     # all-reduces checking that every rank planned from the same global routes
+    dp_grad_bytes: int = 0    # expert-gradient bytes all-reduced over a data-parallel mesh dimension
 
 
 class _Counters:
@@ -76,6 +77,11 @@ def comm_stats() -> CommStats:
 
 def reset_comm_stats() -> None:
     _counters.reset()
+
+
+def count_comm(**amounts: int) -> None:
+    """Add to this process's counters (the fields of CommStats)."""
+    _counters.add(**amounts)
 
 
 def group_info(group) -> tuple:

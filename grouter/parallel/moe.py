@@ -3,10 +3,17 @@
     permute by destination rank -> all-to-all -> reorder by local expert -> expert MLPs
     -> reorder back -> all-to-all back -> weighted combine (unpermute) on the token's rank
 
-Each rank keeps only its experts (same parameter names as the MoE, first dimension = local
-experts). A rank's output equals what the single-process MoE returns for that rank's tokens; each
-expert's gradient sums over every rank's tokens. The router (if any) is replicated: reduce its
-gradients like any data-parallel weight.
+The experts are DTensors sharded on the expert dimension of the full `[E, ...]` weights over the
+expert-parallel dimension of a DeviceMesh (replicated over a data-parallel dimension, if the mesh
+has one): `state_dict()` is the single-process MoE's, so torch.distributed.checkpoint saves each
+expert once and loads it on any number of ranks, and `clip_grad_norm_` sees the global norm. A
+rank's output equals what the single-process MoE returns for that rank's tokens.
+
+Gradients follow one convention: each rank's loss is its share of the global batch's mean (its
+tokens' summed loss divided by the global token count, `global_mean`), and every gradient is the
+sum over ranks. An expert's gradient sums over the expert-parallel ranks' tokens through the
+all-to-all and, with a data-parallel mesh dimension, is all-reduced (summed) over it in backward;
+the dense parts (router included) are left to `fully_shard_dense` (FSDP2, summing) or the user.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import ops
+from ..nn.expert_mlp_op import expert_mlp
 from ..nn.experts import Experts
 from ..nn.moe import MoE
 from ..nn.routing import Routing
-from .dispatch import ParallelRouting, group_info, all_to_all, same_on_all_ranks
+from .dispatch import ParallelRouting, all_to_all, count_comm, group_info, same_on_all_ranks
 from .placement import PlacementLike, check_placement, contiguous_placement
 
 __all__ = ["ExpertParallelMoE"]
@@ -35,8 +46,20 @@ class ExpertParallelMoE(nn.Module):
     experts' ranks and back with all-to-alls, planned once per step by a `ParallelRouting`.
     """
 
-    def __init__(self, moe: MoE, group=None, placement: Optional[PlacementLike] = None):
+    def __init__(self, moe: MoE, group=None, placement: Optional[PlacementLike] = None, *,
+                 mesh: Optional[DeviceMesh] = None):
+        """mesh: a 1-D DeviceMesh of the expert-parallel ranks, or a 2-D one with dims named
+        ("dp", "ep") (experts sharded over "ep", replicated over "dp"); or `group` (a process group,
+        default: the world) for a 1-D mesh made from it."""
         super().__init__()
+        device = moe.experts.gate_up_proj.device
+        if mesh is not None and group is not None:
+            raise ValueError("pass either a DeviceMesh (mesh=) or a process group (group=), not both")
+        if mesh is None:
+            group_info(group)  # raises unless torch.distributed is initialised
+            mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, device.type)
+        self.mesh, self.ep_dim, self.dp_group = _split_mesh(mesh)
+        group = mesh.get_group(self.ep_dim)
         rank, world = group_info(group)
         E = moe.num_experts
         self.group, self.rank, self.world_size = group, rank, world
@@ -53,15 +76,43 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts: List[int] = self.placement[rank].tolist()
         src = moe.experts
         # Built on the meta device (no initialisation, no draw from the global RNG), then given
-        # this rank's slices of the MoE's weights.
+        # this rank's slices of the MoE's weights, as shards of the full [E, ...] tensors.
         self.experts = Experts(len(self.local_experts), src.hidden_size, src.intermediate_size, src.activation,
                                device="meta")
-        index = torch.tensor(self.local_experts, device=src.gate_up_proj.device)
+        self.contiguous = bool(torch.equal(self.placement.flatten(), torch.arange(E)))
+        self._placements = [Shard(0) if d == self.ep_dim else Replicate() for d in range(self.mesh.ndim)]
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(src, name)
-            local = full.detach().index_select(0, index)
-            setattr(self.experts, name, nn.Parameter(local, requires_grad=full.requires_grad))
+            local = self._local_rows(full.detach())
+            param = nn.Parameter(DTensor.from_local(local, self.mesh, self._placements, run_check=False),
+                                 requires_grad=full.requires_grad)
+            if self.dp_group is not None and param.requires_grad:
+                param.register_hook(self._sum_over_dp)
+            setattr(self.experts, name, param)
         self.router = moe.router  # replicated on every rank
+        self._register_state_dict_hook(_check_state_dict_order)
+        self._register_load_state_dict_pre_hook(self._shard_full_tensors, with_module=False)
+
+    def _local_rows(self, full: Tensor) -> Tensor:
+        return full.index_select(0, torch.tensor(self.local_experts, device=full.device))
+
+    def _sum_over_dp(self, grad: Tensor) -> Tensor:
+        """An expert's gradient from this data-parallel replica's tokens, summed over the replicas."""
+        local = grad.to_local().clone()
+        dist.all_reduce(local, group=self.dp_group)
+        count_comm(dp_grad_bytes=local.numel() * local.element_size())
+        return DTensor.from_local(local, self.mesh, self._placements, run_check=False)
+
+    def _shard_full_tensors(self, state_dict, prefix, *args) -> None:
+        """Plain full [E, ...] expert tensors (a single-process MoE's state_dict) load as this rank's shards."""
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"{prefix}experts.{name}"
+            value = state_dict.get(key)
+            if isinstance(value, DTensor) and not self.contiguous:
+                raise ValueError(_OUT_OF_ORDER.format("load_state_dict of DTensors"))
+            if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape[0] == self.num_experts:
+                state_dict[key] = DTensor.from_local(self._local_rows(value), self.mesh, self._placements,
+                                                     run_check=False)
 
     def prepare(self, expert_ids: Tensor, weights: Tensor, global_expert_ids: Optional[Sequence[Tensor]] = None,
                 check: Optional[bool] = None) -> ParallelRouting:
@@ -78,7 +129,9 @@ class ExpertParallelMoE(nn.Module):
         send = ops.permute(tokens, r.plan)  # grouped by destination rank, then expert
         recv = all_to_all(send, r.send_splits, r.recv_splits, self.group)
         rows = recv if r.recv_plan is None else ops.permute(recv, r.recv_plan)
-        out = self.experts(rows, r.local_offsets)
+        experts = self.experts
+        out = expert_mlp(rows, r.local_offsets, experts.gate_up_proj.to_local(), experts.down_proj.to_local(),
+                         experts.activation)
         back = out if r.recv_plan is None else ops.unpermute(out, r.recv_plan)
         ret = all_to_all(back, r.recv_splits, r.send_splits, self.group)
         return ops.unpermute(ret, r.plan, r.weights).reshape(x.shape)
@@ -108,3 +161,26 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}")
+
+
+def _split_mesh(mesh: DeviceMesh) -> Tuple[DeviceMesh, int, Optional[dist.ProcessGroup]]:
+    """(mesh, its expert-parallel dim, the data-parallel group or None)."""
+    if mesh.ndim == 1:
+        return mesh, 0, None
+    names = mesh.mesh_dim_names or ()
+    if mesh.ndim != 2 or "ep" not in names or "dp" not in names:
+        raise ValueError(f"ExpertParallelMoE takes a 1-D DeviceMesh or a 2-D one with dims named ('dp', 'ep'), "
+                         f"got {mesh.ndim}-D with names {names}")
+    return mesh, names.index("ep"), mesh.get_group("dp")
+
+
+def _check_state_dict_order(module: "ExpertParallelMoE", state_dict, prefix, local_metadata) -> None:
+    # The experts are shards of a tensor in slot order; only for the contiguous placement is that
+    # the model's expert order. Another order in a checkpoint would load as the wrong experts.
+    if not module.contiguous:
+        raise ValueError(_OUT_OF_ORDER.format("state_dict"))
+
+
+_OUT_OF_ORDER = ("{} of an ExpertParallelMoE with a non-contiguous placement would list its experts out of "
+                 "order: train with the contiguous placement of a relabelled Grouter "
+                 "(grouter.parallel.relabel_experts), or load plain full [E, ...] tensors")

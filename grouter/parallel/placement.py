@@ -193,3 +193,26 @@ def routes_by_rank(expert_ids: Tensor, sample_ranks: Tensor, world_size: int) ->
         raise ValueError(f"need expert ids [N, S, K] and sample ranks [N], got {tuple(ids.shape)} and "
                          f"{tuple(ranks.shape)}")
     return [ids[ranks == r].reshape(-1, ids.shape[-1]) for r in range(world_size)]
+
+
+def relabel_experts(grouter, placement: PlacementLike):
+    """(a copy of the Grouter with its experts renumbered in placement order, the contiguous placement).
+
+    Expert `placement.flatten()[s]` becomes expert s (the rows of the output projection are
+    reordered; routes and weights are otherwise unchanged), so rank r's experts are consecutive.
+    A new model trained on the relabelled Grouter with the contiguous placement exchanges exactly
+    the rows it would have with `placement`, and its expert-parallel state_dict lists the experts in
+    its own order: what checkpoints (DCP) need. Do it before training: a model already trained
+    on the old ids would need its expert weights permuted too.
+    """
+    import copy
+
+    E = grouter.num_experts
+    world = torch.as_tensor(placement).shape[0]
+    order = check_placement(placement, E, world).flatten()
+    relabelled = copy.deepcopy(grouter)
+    with torch.no_grad():
+        relabelled.proj.weight.copy_(grouter.proj.weight[order.to(grouter.proj.weight.device)])
+        if grouter.proj.bias is not None:
+            relabelled.proj.bias.copy_(grouter.proj.bias[order.to(grouter.proj.bias.device)])
+    return relabelled, contiguous_placement(E, world)

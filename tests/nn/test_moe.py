@@ -109,11 +109,54 @@ def test_sigmoid_router_bias_balances_load():
     before = gnn.max_vio(router(x)[0], 8)
     for _ in range(300):
         router(x)
+        router.update_bias()
     after = gnn.max_vio(router(x)[0], 8)
     assert after < before / 3, (before, after)
     assert router.weight.grad is None  # the bias moved without any gradient
     ids, w = router.eval()(x)
     torch.testing.assert_close(w.sum(1), torch.ones(512))
+
+
+def test_sigmoid_router_under_activation_checkpointing_routes_as_its_forward():
+    # The bias moves only in update_bias, never in forward: a checkpoint's recompute picks the
+    # experts its forward picked, and the load is counted once.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    moe = gnn.MoE(16, 8, 8, 2, router="sigmoid")
+    moe.router.bias_update_rate = 0.5
+    with torch.no_grad():
+        moe.router.expert_bias.normal_(std=0.01)  # near ties: any move of the bias changes the picks
+    x = torch.randn(64, 16, requires_grad=True)
+
+    def step(checkpointed):
+        x.grad = None
+        moe.zero_grad()
+        moe.router.expert_load.zero_()
+        out = checkpoint(moe, x, use_reentrant=False) if checkpointed else moe(x)
+        out.square().sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()], moe.router.expert_load.clone()
+
+    (plain, load), (ckpt, ckpt_load) = step(False), step(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+    assert torch.equal(load, ckpt_load) and load.sum() == 64 * 2
+    bias = moe.router.expert_bias.clone()
+    assert gnn.update_router_biases(moe) == 1
+    assert not torch.equal(moe.router.expert_bias, bias) and moe.router.expert_load.sum() == 0
+    moe.eval()(x)
+    assert moe.router.expert_load.sum() == 0  # eval forwards are not counted
+
+
+def test_softmax_router_aux_loss_counts_the_local_batch_by_default():
+    router = gnn.SoftmaxTopKRouter(16, 8, 2)
+    x = torch.randn(40, 16)
+    ids, _ = router(x)
+    probs = router.logits.softmax(-1)
+    f = torch.bincount(ids.reshape(-1), minlength=8).float() / ids.numel()
+    torch.testing.assert_close(router.aux_loss, 8 * (f * probs.mean(0)).sum())
+    router.aux_loss_group = "world"  # no process group: the local batch is the global one
+    router(x)
+    torch.testing.assert_close(router.aux_loss, 8 * (f * probs.mean(0)).sum())
 
 
 def count_plans(monkeypatch):

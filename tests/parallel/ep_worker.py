@@ -63,7 +63,7 @@ def main(out_dir: str, seed: int, cases):
         forward_stats = comm_stats()
         out.backward(grad_out[mine])
         result = dict(out=out.detach(), x_grad=x_r.grad, w_grad=w_r.grad, local_experts=[m.local_experts for m in ep],
-                      expert_grads=[(m.experts.gate_up_proj.grad, m.experts.down_proj.grad) for m in ep],
+                      expert_grads=[(m.experts.gate_up_proj.grad.to_local(), m.experts.down_proj.grad.to_local()) for m in ep],
                       forward_stats=vars(forward_stats), stats=vars(comm_stats()))
         if c["mode"] == "router":
             grads = [m.router.weight.grad for m in ep]

@@ -7,7 +7,7 @@ import torch
 
 import reference as ref
 from grouter.parallel import (assign_samples, check_placement, contiguous_placement, cross_rank_fraction,
-                              pairs_per_rank, place_experts)
+                              pairs_per_rank, place_experts, relabel_experts)
 
 
 def planted_affinity(E, W, strong=1.0, weak=0.01):
@@ -132,3 +132,28 @@ def test_routes_by_rank():
     assert torch.equal(got[1], torch.cat([ids[0], ids[2], ids[3]]))
     with pytest.raises(ValueError, match="sample ranks"):
         routes_by_rank(ids, ranks[:4], 3)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_relabel_experts_renumbers_routes_in_placement_order(score):
+    import warnings
+
+    from grouter import Grouter
+    from grouter.parallel.placement import slots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = Grouter(50, 8, 2, d_model=16, n_layers=1, n_heads=2, bias=True, score=score)
+    with torch.no_grad():
+        g.proj.bias.normal_()
+    placement = torch.randperm(8).view(4, 2)
+    relabelled, contiguous = relabel_experts(g, placement)
+    assert torch.equal(contiguous, contiguous_placement(8, 4))
+    tokens = torch.randint(0, 50, (3, 7))
+    ids, w = g.route(tokens)
+    new_ids, new_w = relabelled.route(tokens)
+    assert torch.equal(new_ids, slots(placement)[ids])  # expert placement[r][j] is now expert r*2 + j
+    torch.testing.assert_close(new_w, w)
+    assert torch.equal(g.route(tokens)[0], ids)  # the original is untouched
+    # Rows cross ranks exactly as with the old ids on the old placement.
+    assert cross_rank_fraction(new_ids.reshape(3, -1), contiguous) == cross_rank_fraction(ids.reshape(3, -1), placement)

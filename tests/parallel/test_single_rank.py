@@ -30,7 +30,7 @@ def test_one_rank_equals_moe(group, T, K, E):
     state = torch.get_rng_state()
     ep = ExpertParallelMoE(moe)
     assert torch.equal(torch.get_rng_state(), state), "wrapping must not draw from the global RNG"
-    assert ep.experts.down_proj.data_ptr() != moe.experts.down_proj.data_ptr()
+    assert ep.experts.down_proj.to_local().data_ptr() != moe.experts.down_proj.data_ptr()
     assert ep.local_experts == list(range(E))
     assert dict(ep.named_parameters()).keys() == dict(moe.named_parameters()).keys()
     x = torch.randn(T, 16)
@@ -42,7 +42,7 @@ def test_one_rank_equals_moe(group, T, K, E):
     a.backward(g)
     b.backward(g)
     assert torch.equal(xs[0].grad, xs[1].grad)
-    assert torch.equal(moe.experts.down_proj.grad, ep.experts.down_proj.grad)
+    assert torch.equal(moe.experts.down_proj.grad, ep.experts.down_proj.grad.to_local())
 
 
 def test_one_rank_sends_nothing_and_prepares_once(group):
@@ -130,3 +130,42 @@ def test_comm_counters_are_thread_safe():
     s = comm_stats()
     assert s.all_to_alls == 20000 and s.bytes_sent == 60000
     reset_comm_stats()
+
+
+def test_experts_are_dtensor_shards_and_state_dict_is_the_moes(group):
+    from torch.distributed.tensor import DTensor
+
+    moe = gnn.MoE(16, 8, 4, 2)
+    ep = ExpertParallelMoE(moe)
+    assert all(isinstance(p, DTensor) for p in ep.experts.parameters())
+    state = ep.state_dict()
+    for key, value in moe.state_dict().items():
+        assert torch.equal(state[key].full_tensor(), value)
+    # A single-process MoE's plain state_dict loads into the expert-parallel layer (as shards).
+    other = gnn.MoE(16, 8, 4, 2)
+    ep.load_state_dict(other.state_dict())
+    assert torch.equal(ep.experts.gate_up_proj.full_tensor(), other.experts.gate_up_proj)
+    total = torch.nn.utils.clip_grad_norm_(ep.parameters(), 1.0)  # no gradients yet: a norm of 0
+    assert float(total.full_tensor() if isinstance(total, DTensor) else total) == 0.0
+
+
+def test_state_dict_of_a_non_contiguous_placement_raises(group):
+    moe = gnn.MoE(16, 8, 4, 2)
+    ep = ExpertParallelMoE(moe, placement=[[2, 0, 3, 1]])
+    with pytest.raises(ValueError, match="non-contiguous placement"):
+        ep.state_dict()
+    with pytest.raises(ValueError, match="non-contiguous placement"):
+        ep.load_state_dict(ExpertParallelMoE(moe).state_dict())
+    ep.load_state_dict(moe.state_dict())  # plain full tensors: each rank takes its experts by id
+    assert torch.equal(ep.experts.down_proj.to_local(), moe.experts.down_proj[[2, 0, 3, 1]])
+
+
+def test_mesh_and_group_are_exclusive_and_the_mesh_is_checked(group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    with pytest.raises(ValueError, match="not both"):
+        ExpertParallelMoE(gnn.MoE(16, 8, 4, 2), group=dist.group.WORLD, mesh=mesh)
+    flat = init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b"))
+    with pytest.raises(ValueError, match="'dp', 'ep'"):
+        ExpertParallelMoE(gnn.MoE(16, 8, 4, 2), mesh=flat)

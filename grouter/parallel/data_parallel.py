@@ -1,0 +1,59 @@
+"""Data parallelism around expert-parallel layers: FSDP2 on the dense parts, experts left to EP.
+
+The gradient convention (the one `ExpertParallelMoE` follows): each rank's loss is its share of the
+global batch's mean, its tokens' summed loss divided by the global token count (`global_mean`), and
+every gradient is the sum over ranks. With uneven token splits that is the only scaling that equals
+one process on the whole batch: averaging per-rank means weighs a rank's tokens by 1/its count.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .moe import ExpertParallelMoE
+
+__all__ = ["global_mean", "expert_parallel_layers", "fully_shard_dense"]
+
+
+def global_mean(loss_sum: Tensor, num_tokens: int, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """This rank's share of the global batch's mean loss: loss_sum / (num_tokens summed over `group`,
+    default every rank). Summing these shares' gradients over the ranks gives the gradient of the
+    mean over the global batch."""
+    count = torch.tensor(float(num_tokens), dtype=torch.float64, device=loss_sum.device)
+    if dist.is_initialized():
+        dist.all_reduce(count, group=group)
+    if count.item() == 0:
+        raise ValueError("global_mean: the global batch has no tokens")
+    return loss_sum / count.to(loss_sum.dtype)
+
+
+def expert_parallel_layers(model: nn.Module) -> List[ExpertParallelMoE]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+
+
+def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, **fsdp_kwargs) -> nn.Module:
+    """Apply FSDP2 (`fully_shard`) to everything of the model but its experts, on the mesh its
+    ExpertParallelMoE layers use: a 1-D expert-parallel mesh shards the dense weights over the
+    same ranks; a ("dp", "ep") mesh shards them over "ep" and replicates over "dp" (HSDP). Gradients
+    are summed, not averaged (see `global_mean`). Returns the model (now an FSDPModule).
+
+    Wrap inner blocks with `fully_shard` yourself first if you want them sharded separately; pass
+    their experts to `ignored_params` as this function does for the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = expert_parallel_layers(model)
+    if not layers:
+        raise ValueError("fully_shard_dense: the model has no ExpertParallelMoE layer (use fully_shard itself)")
+    mesh = layers[0].mesh if mesh is None else mesh
+    if any(layer.mesh != mesh for layer in layers):
+        raise ValueError("fully_shard_dense: every ExpertParallelMoE must use the mesh given (the same DeviceMesh)")
+    ignored = {p for layer in layers for p in layer.experts.parameters()} | set(fsdp_kwargs.pop("ignored_params", ()))
+    fully_shard(model, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
+    model.set_gradient_divide_factor(1.0)
+    model.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    return model

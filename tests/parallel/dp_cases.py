@@ -1,0 +1,93 @@
+"""Expert parallelism x data parallelism cases, built the same way by the pytest process (one
+process, the whole batch: the reference) and by every rank of dp_worker.py.
+
+A small residual network (dense in-projection, one MoE layer, dense head) trained on a global
+batch split unevenly over the ranks, with the loss convention of grouter.parallel.global_mean:
+each rank's loss is its tokens' summed squared error divided by the global token count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grouter import nn as gnn
+
+H, I, E, K = 16, 12, 8, 2
+COUNTS = {1: [73], 2: [42, 31], 4: [37, 5, 20, 11]}  # tokens per rank
+STEPS = 3
+
+
+class Net(nn.Module):
+    def __init__(self, router=None):
+        super().__init__()
+        self.inp = nn.Linear(H, H)
+        self.moe = gnn.MoE(H, I, E, K, router=router)
+        self.head = nn.Linear(H, H)
+
+    def forward(self, x, routing=None):
+        h = torch.tanh(self.inp(x))
+        return self.head(h + self.moe(h, routing=routing))
+
+
+def build(seed: int, router=None) -> Net:
+    torch.manual_seed(seed)
+    return Net(router)
+
+
+def batch(seed: int, step: int):
+    """The global batch of a step: (x, target, expert_ids, weights), the same on every rank."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    T = sum(COUNTS[4])
+    x, y = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    ids = torch.rand(T, E, generator=g).argsort(1)[:, :K]
+    w = torch.rand(T, K, generator=g)
+    return x, y, ids, w / w.sum(1, keepdim=True)
+
+
+def rank_slice(world: int, rank: int) -> slice:
+    counts = COUNTS[world]
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def make_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def train(model, optimizer: str, seed: int, world: int, rank: int, loss_of, clip=None, after_step=None):
+    """STEPS steps on this rank's share of each global batch; returns per step (loss, grad norm),
+    and the first step's gradients (full tensors) as `model.first_grads`."""
+    opt = make_optimizer(optimizer, model.parameters())
+    history = []
+    for step in range(STEPS):
+        x, y, ids, w = (t[rank_slice(world, rank)] for t in batch(seed, step))
+        routing = None if model_router(model) else (ids, w)
+        loss = loss_of(((model(x, routing=routing) - y) ** 2).sum(), x.shape[0])
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            model.first_grads = {n: full(p.grad) for n, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        history.append((float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()),
+                        float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)))
+    return history
+
+
+def model_router(model):
+    moe = model.moe
+    return getattr(moe, "router", None)
+
+
+def full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def full_state(model) -> dict:
+    """name -> full tensor (DTensors gathered), in single-process names."""
+    return {name: full(t) for name, t in model.state_dict().items()}

@@ -1,0 +1,130 @@
+"""Expert parallelism x data parallelism (FSDP2 on the dense parts) against one process.
+
+2 gloo ranks: a 1-D expert-parallel mesh; 4 ranks: ("dp", "ep") = 2 x 2. Uneven token splits,
+the global_mean loss convention; SGD, AdamW with clipping, the sigmoid router's bias, and DCP
+checkpoints saved on 2 ranks loaded on 2, on 4 and in one process.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE)]
+
+import dp_cases as cases  # noqa: E402
+from launch import run_ranks  # noqa: E402
+from grouter.nn import update_router_biases  # noqa: E402
+
+SEED = 3
+TRAIN_CASES = ("sgd", "adamw_clip", "sigmoid")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    worker = str(HERE / "dp_worker.py")
+    run_ranks(2, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_save", "dcp_load", "ddp_attached",
+                         "global_aux", "ddp_around_ep"])
+    run_ranks(4, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_load"])
+
+    def load(name, world):
+        return [torch.load(out / f"{name}.{world}.{r}.pt", weights_only=False) for r in range(world)]
+
+    load.dir = out
+    return load
+
+
+def one_process(name):
+    model = cases.build(SEED, router="sigmoid" if name == "sigmoid" else None)
+    if name == "sigmoid":
+        model.moe.router.bias_update_rate = 0.05
+    history = cases.train(model, "adamw" if name == "adamw_clip" else "sgd", SEED, 1, 0, lambda s, n: s / n,
+                          clip=0.5 if name == "adamw_clip" else None,
+                          after_step=update_router_biases if name == "sigmoid" else None)
+    return model, history
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", TRAIN_CASES)
+def test_training_equals_one_process(results, name, world):
+    model, history = one_process(name)
+    ranks = results(name, world)
+    for step, (loss, norm) in enumerate(history):
+        # Each rank's loss is its share of the global mean; the clipped norm is the global one.
+        assert sum(r["history"][step][0] for r in ranks) == pytest.approx(loss, rel=1e-6)
+        for r in ranks:
+            assert r["history"][step][1] == pytest.approx(norm, rel=1e-6)
+    want = cases.full_state(model)
+    for r in ranks:
+        for key, grad in (r.get("grads") or {}).items():  # every gradient of the first step
+            torch.testing.assert_close(grad, model.first_grads[key], rtol=0, atol=1e-6, msg=key)
+        assert r["state"].keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-6, msg=key)
+    if name == "sigmoid":
+        assert model.moe.router.expert_bias.abs().sum() > 0  # the bias moved
+        for r in ranks:  # from the load of the whole global batch, the same on every rank
+            assert torch.equal(r["bias"], model.moe.router.expert_bias)
+
+
+def test_dcp_checkpoint_loads_on_2_and_4_ranks_and_in_one_process(results):
+    import torch.distributed.checkpoint as dcp
+
+    saved = results("dcp_save", 2)[0]["state"]
+    for world in (2, 4):
+        for r in results("dcp_load", world):
+            assert all(torch.equal(r["state"][k], v) for k, v in saved.items())
+    model = cases.build(SEED + 7)  # a plain single-process model
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(results.dir / "ckpt"))
+    model.load_state_dict(state)
+    assert all(torch.equal(t, saved[k]) for k, t in model.state_dict().items())
+
+
+def test_ddp_with_default_arguments_trains_an_attached_model(results):
+    # attach freezes the gates it bypasses: no "parameters that did not receive grad" error, and
+    # DDP's result is one process on the whole batch (equal batches per rank: means average right).
+    sys.path.insert(0, str(HERE.parent / "nn"))
+    import grouter.hf
+    from hf_models import small_grouter, tiny
+
+    torch.manual_seed(SEED)
+    model = grouter.hf.attach(tiny("qwen3_moe"), small_grouter())
+    gates = [getattr(block, attr).weight for _, block, attr in grouter.hf.moe_blocks(model)]
+    assert not any(g.requires_grad for g in gates)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        ids = torch.randint(3, 101, (4, 9), generator=torch.Generator().manual_seed(SEED + step))
+        opt.zero_grad()
+        halves = [model(input_ids=ids[2 * r:2 * r + 2], labels=ids[2 * r:2 * r + 2]).loss for r in range(2)]
+        (sum(halves) / 2).backward()
+        opt.step()
+    want = model.state_dict()
+    for r in results("ddp_attached", 2):
+        for key, value in want.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-6, msg=key)
+    grouter.hf.detach(model)
+    assert all(g.requires_grad for g in gates)
+
+
+def test_global_batch_aux_loss_counts_every_ranks_tokens(results):
+    from grouter.nn import SoftmaxTopKRouter
+
+    torch.manual_seed(SEED)
+    router = SoftmaxTopKRouter(cases.H, cases.E, cases.K)
+    x = cases.batch(SEED, 0)[0]
+    ids, _ = router(x)  # the whole global batch: its loads
+    f = torch.bincount(ids.reshape(-1), minlength=cases.E).float() / ids.numel()
+    probs = router.logits.softmax(-1).detach()
+    for rank, r in enumerate(results("global_aux", 2)):
+        mine = probs[cases.rank_slice(2, rank)].mean(0)  # each rank's own probabilities
+        torch.testing.assert_close(r["aux"], cases.E * (f * mine).sum())
+
+
+def test_ddp_around_expert_parallel_layers_raises_instead_of_overwriting_experts(results):
+    # DDP would broadcast rank 0's parameters; the experts are DTensors, which it refuses.
+    for r in results("ddp_around_ep", 2):
+        assert r["error"] and "DTensor" in r["error"], r["error"]
