@@ -96,7 +96,7 @@ def main(argv=None) -> float:
     model = MoELM(args.d_model, args.layers, 4, E, g.top_k, args.d_model, args.seed).to(device)
     for block in model.blocks:
         block.moe = ExpertParallelMoE(block.moe, placement=placement, mesh=mesh)
-    fully_shard_dense(model)
+    fully_shard_dense(model, blocks=model.blocks)  # each block an FSDP unit, then the root
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = 0
     if args.resume:

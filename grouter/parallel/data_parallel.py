@@ -8,7 +8,7 @@ one process on the whole batch: averaging per-rank means weighs a rank's tokens 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,14 +36,16 @@ def expert_parallel_layers(model: nn.Module) -> List[ExpertParallelMoE]:
     return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
 
 
-def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, **fsdp_kwargs) -> nn.Module:
+def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, blocks: Iterable[nn.Module] = (),
+                      **fsdp_kwargs) -> nn.Module:
     """Apply FSDP2 (`fully_shard`) to everything of the model but its experts, on the mesh its
     ExpertParallelMoE layers use: a 1-D expert-parallel mesh shards the dense weights over the
-    same ranks; a ("dp", "ep") mesh shards them over "ep" and replicates over "dp" (HSDP). Gradients
+    same ranks; a ("dp", "ep") mesh shards them over "ep" and replicates over "dp" (HSDP). Each of
+    `blocks` (e.g. the transformer blocks) becomes its own FSDP unit first, then the root. Gradients
     are summed, not averaged (see `global_mean`). Returns the model (now an FSDPModule).
 
-    Wrap inner blocks with `fully_shard` yourself first if you want them sharded separately; pass
-    their experts to `ignored_params` as this function does for the root."""
+    `fully_shard(model)` itself cannot work on such a model: FSDP2 would try to shard the experts,
+    already DTensors on this mesh, again (it raises)."""
     from torch.distributed.fsdp import fully_shard
 
     layers = expert_parallel_layers(model)
@@ -52,8 +54,11 @@ def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, **fsd
     mesh = layers[0].mesh if mesh is None else mesh
     if any(layer.mesh != mesh for layer in layers):
         raise ValueError("fully_shard_dense: every ExpertParallelMoE must use the mesh given (the same DeviceMesh)")
-    ignored = {p for layer in layers for p in layer.experts.parameters()} | set(fsdp_kwargs.pop("ignored_params", ()))
-    fully_shard(model, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
-    model.set_gradient_divide_factor(1.0)
-    model.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    experts = {p for layer in layers for p in layer.experts.parameters()} | set(fsdp_kwargs.pop("ignored_params", ()))
+    units = [*blocks, model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=experts & set(unit.parameters()), **fsdp_kwargs)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
     return model

@@ -28,9 +28,9 @@ def mesh_for(world):
     return init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
 
 
-def expert_parallel(model, mesh):
+def expert_parallel(model, mesh, blocks=False):
     model.moe = ExpertParallelMoE(model.moe, mesh=mesh)
-    return fully_shard_dense(model)
+    return fully_shard_dense(model, blocks=[model.inp, model.head] if blocks else ())
 
 
 def ddp_attached(seed, rank, world):
@@ -60,7 +60,7 @@ def main(out_dir: str, seed: int, names):
     for name in names:
         result = {}
         if name in ("sgd", "adamw_clip"):
-            model = expert_parallel(cases.build(seed), mesh)
+            model = expert_parallel(cases.build(seed), mesh, blocks=name == "sgd")  # FSDP units: blocks + root
             result["history"] = cases.train(model, "sgd" if name == "sgd" else "adamw", seed, world, rank, global_mean,
                                             clip=0.5 if name == "adamw_clip" else None)
             result["state"], result["grads"] = cases.full_state(model), model.first_grads
