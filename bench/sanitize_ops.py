@@ -28,6 +28,7 @@ def run(dtype, checks, dev):
         ops.coactivation(ids, E)
         flat = torch.randn(T * K * H + 1, device=dev, dtype=dtype)[1:].view(T * K, H)  # misaligned rows
         ops.unpermute(flat, plan, w.detach())
+        torch.ops.grouter.unpermute_backward(flat[:T], plan.row_of, w.detach(), flat)  # misaligned grad_w rows
         h = torch.randn(T * K, 2 * H, device=dev, dtype=dtype, requires_grad=True)
         for act in ops.GLU_ACTIVATIONS:
             a = ops.glu(h, act)

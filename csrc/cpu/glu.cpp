@@ -1,9 +1,10 @@
 // glu and glu_backward on the CPU: a = act(gate) * up for rows h = [gate | up], forward in one
 // pass over h, backward (a recomputed, grad_h) in one pass over h and grad_a. fp32 math; bf16 and
 // fp16 rows go through fp32 in blocks that stay in L1. The loops are compiled for AVX-512, AVX2
-// and baseline x86-64 (vector_loops.h). This file alone is built with FMA contraction: the
-// activations are polynomials, and fused multiply-adds made the forward 1.8x faster on AVX-512
-// (measured); the last bit of an output may then differ between those builds (never between runs).
+// (x86-64-v3: with FMA) and baseline x86-64: the polynomials' explicit fused multiply-adds
+// (glu_math.h) are single instructions where the ISA has them (forward and backward ~2x faster
+// than separate multiplies and adds, measured on AVX-512), a libm call on the baseline. Nothing
+// is contracted implicitly, so every build, and the CUDA kernel, gives the same bits.
 #include "cpu/glu.h"
 
 #include "glu_checks.h"
@@ -28,14 +29,20 @@ using glu::Act;
 
 constexpr int64_t kBlock = 512;  // elements converted to fp32 at a time (2 KiB per buffer)
 
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define GROUTER_MULTIVERSION_FMA __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#else
+#define GROUTER_MULTIVERSION_FMA
+#endif
+
 template <Act A>
-GROUTER_MULTIVERSION void forward_f32(float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ u,
+GROUTER_MULTIVERSION_FMA void forward_f32(float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ u,
                                       int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = glu::act<A>(g[i]) * u[i];
 }
 
 template <Act A>
-GROUTER_MULTIVERSION void backward_f32(float* __restrict__ a, float* __restrict__ grad_g, float* __restrict__ grad_u,
+GROUTER_MULTIVERSION_FMA void backward_f32(float* __restrict__ a, float* __restrict__ grad_g, float* __restrict__ grad_u,
                                        const float* __restrict__ g, const float* __restrict__ u,
                                        const float* __restrict__ grad_a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {

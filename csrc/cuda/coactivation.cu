@@ -49,9 +49,11 @@ cudaError_t launch(const id_t* ids, int64_t T, int64_t K, int64_t num_experts, i
   const int32_t E = static_cast<int32_t>(num_experts);
   const int64_t tile_bytes = num_experts * num_experts * int64_t(sizeof(unsigned int));
   auto* out = reinterpret_cast<unsigned long long*>(C);
-  if (tile_bytes <= smem_optin) {
-    // Few blocks: each flushes a whole tile, so more blocks than SMs only adds flush traffic.
-    const int grid = grid_for(T, kThreads, 2 * int64_t(sms));
+  // Few blocks: each flushes a whole tile, so more blocks than SMs only adds flush traffic. The
+  // tile pays when its flush (at most grid * E^2 global atomics) is cheaper than the T * K^2
+  // pairs added straight to global memory (large E with few tokens: it is not).
+  const int grid = grid_for(T, kThreads, 2 * int64_t(sms));
+  if (tile_bytes <= smem_optin && int64_t(grid) * num_experts * num_experts < T * K * K) {
     if (tile_bytes > (48 << 10)) {
       // The device's whole opt-in limit, not this call's size: the attribute is per function and
       // device-wide, so a smaller value set by another host thread could fail a larger launch.

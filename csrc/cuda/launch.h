@@ -15,11 +15,12 @@ enum class DType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // routing_plan: stable radix sort of the T*K slots by expert (CUB), then a scatter and a
 // lower-bound search for the offsets. Ids outside [0, E) sort into a trailing bucket (when checks
-// are off), so no index ever leaves its array. `temp` holds routing_plan_temp_bytes(n, E) bytes.
-size_t routing_plan_temp_bytes(int64_t n, int64_t num_experts);
-cudaError_t routing_plan(const void* ids, bool ids_int64, int64_t T, int64_t K, int64_t num_experts,
-                         int32_t* sorted_tokens, int32_t* row_of, int64_t* offsets, void* temp,
-                         size_t temp_bytes, cudaStream_t stream);
+// are off: ids_checked false), so no index ever leaves its array. `temp` holds
+// routing_plan_temp_bytes(n, E, ids_checked) bytes (CUB's storage is queried once there).
+size_t routing_plan_temp_bytes(int64_t n, int64_t num_experts, bool ids_checked);
+cudaError_t routing_plan(const void* ids, bool ids_int64, bool ids_checked, int64_t T, int64_t K,
+                         int64_t num_experts, int32_t* sorted_tokens, int32_t* row_of, int64_t* offsets,
+                         void* temp, size_t temp_bytes, cudaStream_t stream);
 
 // permute: one block per token reads its row once and writes its K rows. Rows outside
 // [0, T*K) in row_of are skipped.

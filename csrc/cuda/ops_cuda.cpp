@@ -39,15 +39,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_plan_cuda(const at::Tenso
   check_expert_ids_args("routing_plan", expert_ids, num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const at::Tensor ids = expert_ids.contiguous();
-  if (cuda_checks_enabled()) check_expert_id_values("routing_plan", ids, num_experts);
+  const bool checked = cuda_checks_enabled();
+  if (checked) check_expert_id_values("routing_plan", ids, num_experts);
   const int64_t T = ids.size(0), K = ids.size(1);
   const auto int32 = ids.options().dtype(at::kInt);
   at::Tensor sorted_tokens = at::empty({T * K}, int32);
   at::Tensor row_of = at::empty({T, K}, int32);
   at::Tensor offsets = at::empty({num_experts + 1}, ids.options().dtype(at::kLong));
-  const size_t temp_bytes = T * K > 0 ? routing_plan_temp_bytes(T * K, num_experts) : 0;
+  const size_t temp_bytes = T * K > 0 ? routing_plan_temp_bytes(T * K, num_experts, checked) : 0;
   at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
-  C10_CUDA_CHECK(routing_plan(ids.const_data_ptr(), ids.scalar_type() == at::kLong, T, K, num_experts,
+  C10_CUDA_CHECK(routing_plan(ids.const_data_ptr(), ids.scalar_type() == at::kLong, checked, T, K, num_experts,
                               sorted_tokens.mutable_data_ptr<int32_t>(), row_of.mutable_data_ptr<int32_t>(),
                               offsets.mutable_data_ptr<int64_t>(), temp.mutable_data_ptr(), temp_bytes,
                               stream_of(ids)));

@@ -12,10 +12,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Keys in [0, E]: E is the bucket of invalid ids, reachable only with the checks switched off.
-int key_bits(int64_t num_experts) {
+// Bits of the largest key: E - 1 when the ids were validated, else E (the bucket of invalid ids,
+// reachable only with the checks switched off). E = 256 validated sorts 8 bits: one radix pass.
+int key_bits(int64_t num_experts, bool ids_checked) {
+  const int64_t largest = ids_checked ? num_experts - 1 : num_experts;
   int bits = 1;
-  while ((int64_t{1} << bits) <= num_experts) ++bits;
+  while ((int64_t{1} << bits) <= largest) ++bits;
   return bits;
 }
 
@@ -48,62 +50,51 @@ __global__ void find_offsets(const int32_t* sorted_keys, int64_t n, int32_t E, i
   offsets[e] = lo;
 }
 
-struct Temp {
-  int32_t *keys_in, *keys_out, *slots_in, *slots_out;
-  void* cub;
-  size_t cub_bytes;
-};
-
 size_t round_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-size_t cub_bytes(int64_t n, int64_t num_experts) {
+// CUB's temporary storage for sorting n pairs in double buffers (ours: keys and slots, in and
+// out), so CUB allocates no alternate buffers of its own.
+size_t cub_bytes(int64_t n, int bits) {
   size_t bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(n), 0,
-                                  key_bits(num_experts));
+  cub::DoubleBuffer<int32_t> keys(nullptr, nullptr), values(nullptr, nullptr);
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, static_cast<int>(n), 0, bits);
   return bytes;
-}
-
-Temp carve(void* temp, int64_t n, int64_t num_experts) {
-  char* p = static_cast<char*>(temp);
-  const size_t arr = round_up(sizeof(int32_t) * n);
-  return Temp{reinterpret_cast<int32_t*>(p), reinterpret_cast<int32_t*>(p + arr),
-              reinterpret_cast<int32_t*>(p + 2 * arr), reinterpret_cast<int32_t*>(p + 3 * arr),
-              p + 4 * arr, cub_bytes(n, num_experts)};
 }
 
 }  // namespace
 
-size_t routing_plan_temp_bytes(int64_t n, int64_t num_experts) {
-  return 4 * round_up(sizeof(int32_t) * n) + cub_bytes(n, num_experts);
+size_t routing_plan_temp_bytes(int64_t n, int64_t num_experts, bool ids_checked) {
+  return 4 * round_up(sizeof(int32_t) * n) + cub_bytes(n, key_bits(num_experts, ids_checked));
 }
 
-cudaError_t routing_plan(const void* ids, bool ids_int64, int64_t T, int64_t K, int64_t num_experts,
-                         int32_t* sorted_tokens, int32_t* row_of, int64_t* offsets, void* temp,
-                         size_t temp_bytes, cudaStream_t stream) {
+cudaError_t routing_plan(const void* ids, bool ids_int64, bool ids_checked, int64_t T, int64_t K,
+                         int64_t num_experts, int32_t* sorted_tokens, int32_t* row_of, int64_t* offsets,
+                         void* temp, size_t temp_bytes, cudaStream_t stream) {
   const int64_t n = T * K;
   const int32_t E = static_cast<int32_t>(num_experts);
   if (n == 0) return cudaMemsetAsync(offsets, 0, sizeof(int64_t) * (num_experts + 1), stream);
-  if (temp_bytes < routing_plan_temp_bytes(n, num_experts)) return cudaErrorInvalidValue;
-  Temp tmp = carve(temp, n, num_experts);
-  {
-    const int grid = grid_for(n, kThreads);
-    if (ids_int64)
-      make_keys<<<grid, kThreads, 0, stream>>>(static_cast<const int64_t*>(ids), n, E, tmp.keys_in, tmp.slots_in);
-    else
-      make_keys<<<grid, kThreads, 0, stream>>>(static_cast<const int32_t*>(ids), n, E, tmp.keys_in, tmp.slots_in);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-    if (cudaError_t err = cub::DeviceRadixSort::SortPairs(
-            tmp.cub, tmp.cub_bytes, tmp.keys_in, tmp.keys_out, tmp.slots_in, tmp.slots_out,
-            static_cast<int>(n), 0, key_bits(num_experts), stream);
-        err != cudaSuccess)
-      return err;
-    scatter_rows<<<grid, kThreads, 0, stream>>>(tmp.slots_out, n, static_cast<int32_t>(K), sorted_tokens, row_of);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  }
-  find_offsets<<<grid_for(num_experts + 1, kThreads, INT32_MAX), kThreads, 0, stream>>>(
-      tmp.keys_out, n, E, offsets);
+  const int bits = key_bits(num_experts, ids_checked);
+  const size_t arr = round_up(sizeof(int32_t) * n);
+  if (temp_bytes < 4 * arr) return cudaErrorInvalidValue;
+  char* p = static_cast<char*>(temp);
+  cub::DoubleBuffer<int32_t> keys(reinterpret_cast<int32_t*>(p), reinterpret_cast<int32_t*>(p + arr));
+  cub::DoubleBuffer<int32_t> slots(reinterpret_cast<int32_t*>(p + 2 * arr), reinterpret_cast<int32_t*>(p + 3 * arr));
+  size_t cub_size = temp_bytes - 4 * arr;  // the caller sized temp by routing_plan_temp_bytes
+  const int grid = grid_for(n, kThreads);
+  if (ids_int64)
+    make_keys<<<grid, kThreads, 0, stream>>>(static_cast<const int64_t*>(ids), n, E, keys.Current(), slots.Current());
+  else
+    make_keys<<<grid, kThreads, 0, stream>>>(static_cast<const int32_t*>(ids), n, E, keys.Current(), slots.Current());
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (cudaError_t err = cub::DeviceRadixSort::SortPairs(p + 4 * arr, cub_size, keys, slots, static_cast<int>(n), 0,
+                                                        bits, stream);
+      err != cudaSuccess)
+    return err;
+  // The sorted pairs are in whichever buffer CUB's last pass wrote: Current().
+  scatter_rows<<<grid, kThreads, 0, stream>>>(slots.Current(), n, static_cast<int32_t>(K), sorted_tokens, row_of);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  find_offsets<<<grid_for(num_experts + 1, kThreads, INT32_MAX), kThreads, 0, stream>>>(keys.Current(), n, E,
+                                                                                         offsets);
   return cudaGetLastError();
 }
 
