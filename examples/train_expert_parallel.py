@@ -61,6 +61,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def checkpoint_state(model, opt, step: int) -> dict:
+    """What a checkpoint holds: model and optimizer (DTensor shards: DCP saves each once), step."""
+    model_state, optim_state = get_state_dict(model, opt)
+    return {"model": model_state, "optim": optim_state, "step": torch.tensor(step)}
+
+
 def main(argv=None) -> float:
     args = parse_args(argv)
     device = torch.device("cpu")
@@ -100,8 +106,7 @@ def main(argv=None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = 0
     if args.resume:
-        model_state, optim_state = get_state_dict(model, opt)
-        state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
+        state = checkpoint_state(model, opt, 0)
         dcp.load(state, checkpoint_id=args.resume)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = int(state["step"])
@@ -143,8 +148,7 @@ def main(argv=None) -> float:
                 f"sent {s.bytes_sent / 2**20:.2f} MiB/step from rank 0, count exchanges {s.count_exchanges}, "
                 f"pairs crossing ranks {crossing:.1%}")
     if args.save:
-        model_state, optim_state = get_state_dict(model, opt)
-        dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=args.save)
+        dcp.save(checkpoint_state(model, opt, step), checkpoint_id=args.save)
         log(f"saved step {step} to {args.save}")
     dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts at exit)
     dist.destroy_process_group()

@@ -14,7 +14,7 @@ same computation through an autograd Function instead (eager only), as do host-s
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +41,14 @@ def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
 Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
 
 
-def _slices(expert_offsets: Union[Tensor, Sequence[int]], rows: int, experts: Optional[int] = None) -> Slices:
+def _slices(expert_offsets: Union[Tensor, Sequence[int]], rows: int, experts: int) -> Slices:
     # One device-to-host copy per call (none for host offsets), not one per expert.
     bounds = expert_offsets.tolist() if isinstance(expert_offsets, Tensor) else list(expert_offsets)
     # Offsets that do not tile [0, rows) would leave rows unwritten (garbage out) or read past them.
-    if (not bounds or bounds[0] != 0 or bounds[-1] != rows or any(b > a for a, b in zip(bounds[1:], bounds))
-            or (experts is not None and len(bounds) != experts + 1)):
-        over = "" if experts is None else f" over the {experts} experts ({experts + 1} values)"
-        raise ValueError(f"grouter.expert_mlp: expert offsets must rise from 0 to the {rows} rows{over}, got "
+    if (len(bounds) != experts + 1 or bounds[0] != 0 or bounds[-1] != rows
+            or any(b > a for a, b in zip(bounds[1:], bounds))):
+        raise ValueError(f"grouter.expert_mlp: expert offsets must rise from 0 to the {rows} rows over the {experts} "
+                         f"experts ({experts + 1} values), got "
                          f"{bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-8:]}")
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 

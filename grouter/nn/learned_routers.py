@@ -36,11 +36,10 @@ def _expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def _summed(counts: Tensor, group: Any) -> Tensor:
-    """counts summed over a process group ("world" = the default group; None = this rank's own)."""
-    if group is None or not dist.is_initialized():
-        return counts
-    counts = counts.clone()
-    dist.all_reduce(counts, group=None if group == "world" else group)
+    """counts summed, in place, over a process group ("world" = the default group; None = this
+    rank's own). Callers pass counts they own and discard."""
+    if group is not None and dist.is_initialized():
+        dist.all_reduce(counts, group=None if group == "world" else group)
     return counts
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from grouter import nn as gnn
+from grouter.nn import update_router_biases
 
 H, I, E, K = 16, 12, 8, 2
 COUNTS = {1: [73], 2: [42, 31], 4: [37, 5, 20, 11]}  # tokens per rank
@@ -33,6 +34,22 @@ class Net(nn.Module):
 def build(seed: int, router=None) -> Net:
     torch.manual_seed(seed)
     return Net(router)
+
+
+# Training cases: (router, optimizer, clip). The sigmoid router's bias moves by 0.05 per step.
+TRAINING = {"sgd": (None, "sgd", None), "adamw_clip": (None, "adamw", 0.5), "sigmoid": ("sigmoid", "sgd", None)}
+
+
+def build_case(name: str, seed: int) -> Net:
+    model = build(seed, router=TRAINING[name][0])
+    if TRAINING[name][0] == "sigmoid":
+        model.moe.router.bias_update_rate = 0.05
+    return model
+
+
+def train_case(model, name: str, seed: int, world: int, rank: int, loss_of):
+    _, optimizer, clip = TRAINING[name]
+    return train(model, optimizer, seed, world, rank, loss_of, clip)
 
 
 def batch(seed: int, step: int):
@@ -57,14 +74,15 @@ def make_optimizer(name: str, params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def train(model, optimizer: str, seed: int, world: int, rank: int, loss_of, clip=None, after_step=None):
-    """STEPS steps on this rank's share of each global batch; returns per step (loss, grad norm),
-    and the first step's gradients (full tensors) as `model.first_grads`."""
+def train(model, optimizer: str, seed: int, world: int, rank: int, loss_of, clip=None):
+    """STEPS steps on this rank's share of each global batch (sigmoid routers' biases updated after
+    each); returns per step (loss, grad norm), and the first step's gradients (full tensors) as
+    `model.first_grads`."""
     opt = make_optimizer(optimizer, model.parameters())
     history = []
     for step in range(STEPS):
         x, y, ids, w = (t[rank_slice(world, rank)] for t in batch(seed, step))
-        routing = None if model_router(model) else (ids, w)
+        routing = None if model.moe.router is not None else (ids, w)
         loss = loss_of(((model(x, routing=routing) - y) ** 2).sum(), x.shape[0])
         opt.zero_grad()
         loss.backward()
@@ -72,16 +90,9 @@ def train(model, optimizer: str, seed: int, world: int, rank: int, loss_of, clip
             model.first_grads = {n: full(p.grad) for n, p in model.named_parameters()}
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
         opt.step()
-        if after_step is not None:
-            after_step(model)
-        history.append((float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()),
-                        float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)))
+        update_router_biases(model)
+        history.append((float(full(loss)), float(full(norm))))
     return history
-
-
-def model_router(model):
-    moe = model.moe
-    return getattr(moe, "router", None)
 
 
 def full(t):

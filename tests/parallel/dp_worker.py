@@ -17,7 +17,6 @@ import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
-from grouter.nn import update_router_biases  # noqa: E402
 from grouter.parallel import ExpertParallelMoE, fully_shard_dense, global_mean  # noqa: E402
 import dp_cases as cases  # noqa: E402
 
@@ -59,17 +58,12 @@ def main(out_dir: str, seed: int, names):
     out = Path(out_dir)
     for name in names:
         result = {}
-        if name in ("sgd", "adamw_clip"):
-            model = expert_parallel(cases.build(seed), mesh, blocks=name == "sgd")  # FSDP units: blocks + root
-            result["history"] = cases.train(model, "sgd" if name == "sgd" else "adamw", seed, world, rank, global_mean,
-                                            clip=0.5 if name == "adamw_clip" else None)
+        if name in cases.TRAINING:
+            model = expert_parallel(cases.build_case(name, seed), mesh, blocks=name == "sgd")  # sgd: blocks + root
+            result["history"] = cases.train_case(model, name, seed, world, rank, global_mean)
             result["state"], result["grads"] = cases.full_state(model), model.first_grads
-        elif name == "sigmoid":
-            model = expert_parallel(cases.build(seed, router="sigmoid"), mesh)
-            model.moe.router.bias_update_rate = 0.05
-            result["history"] = cases.train(model, "sgd", seed, world, rank, global_mean, after_step=update_router_biases)
-            result["state"] = cases.full_state(model)
-            result["bias"] = model.moe.router.expert_bias.clone()
+            if name == "sigmoid":
+                result["bias"] = model.moe.router.expert_bias.clone()
         elif name == "global_aux":
             from grouter.nn import SoftmaxTopKRouter
 

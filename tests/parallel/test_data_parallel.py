@@ -16,10 +16,9 @@ sys.path[:0] = [str(HERE)]
 
 import dp_cases as cases  # noqa: E402
 from launch import run_ranks  # noqa: E402
-from grouter.nn import update_router_biases  # noqa: E402
 
 SEED = 3
-TRAIN_CASES = ("sgd", "adamw_clip", "sigmoid")
+TRAIN_CASES = tuple(cases.TRAINING)
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +37,8 @@ def results(tmp_path_factory):
 
 
 def one_process(name):
-    model = cases.build(SEED, router="sigmoid" if name == "sigmoid" else None)
-    if name == "sigmoid":
-        model.moe.router.bias_update_rate = 0.05
-    history = cases.train(model, "adamw" if name == "adamw_clip" else "sgd", SEED, 1, 0, lambda s, n: s / n,
-                          clip=0.5 if name == "adamw_clip" else None,
-                          after_step=update_router_biases if name == "sigmoid" else None)
-    return model, history
+    model = cases.build_case(name, SEED)
+    return model, cases.train_case(model, name, SEED, 1, 0, lambda s, n: s / n)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -59,7 +53,7 @@ def test_training_equals_one_process(results, name, world):
             assert r["history"][step][1] == pytest.approx(norm, rel=1e-6)
     want = cases.full_state(model)
     for r in ranks:
-        for key, grad in (r.get("grads") or {}).items():  # every gradient of the first step
+        for key, grad in r["grads"].items():  # every gradient of the first step
             torch.testing.assert_close(grad, model.first_grads[key], rtol=0, atol=1e-6, msg=key)
         assert r["state"].keys() == want.keys()
         for key, value in want.items():
