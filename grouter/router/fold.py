@@ -63,7 +63,10 @@ def _check_groups(groups: Tensor, E: int) -> Tuple[Tensor, int]:
 def fold(g: Grouter, groups: Tensor, top_k: Optional[int] = None) -> Grouter:
     """A new Grouter with n outputs; target logit j = sum of the logits of source experts in group j."""
     groups, n = _check_groups(groups, g.num_experts)
-    config = dict(g.config, num_experts=n, top_k=top_k or min(g.top_k, n),
+    if top_k is None and g.top_k > n:
+        warnings.warn(f"fold: {n} experts are fewer than top_k={g.top_k}; the folded Grouter routes to {n} "
+                      "(pass top_k to choose)", stacklevel=2)
+    config = dict(g.config, num_experts=n, top_k=min(g.top_k, n) if top_k is None else top_k,
                   source=f"fold of {g.config.get('source') or 'a Grouter'} ({g.num_experts} -> {n} experts)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bidirectional warning was given for the source already

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn.attention import Attention
 
-__all__ = ["Grouter", "GrouterCache", "Attention", "FORMAT_VERSION"]
+__all__ = ["Grouter", "GrouterCache", "Attention", "FORMAT_VERSION", "state_sha256"]
 
 FORMAT_VERSION = 1
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
@@ -155,6 +155,11 @@ class Grouter(nn.Module):
             raise ValueError(f"Grouter reads token ids [B, S] or [S], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
             raise ValueError(f"Grouter reads token ids (an integer tensor), got {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"Grouter: token id {low if low < 0 else high} is outside its vocabulary "
+                                 f"[0, {self.vocab_size})")
         x = self.embed(input_ids.long())
         if attention_mask is None and cache is None:  # whole unpadded sequences: the fast path
             for block in self.blocks:
@@ -229,12 +234,7 @@ class Grouter(nn.Module):
 
     def checksum(self) -> str:
         """sha256 over the parameters' names, shapes, dtypes and bytes: identifies these weights."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return state_sha256(self)
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write `model.safetensors` and `config.json` (format version, constructor arguments, checksum)."""
@@ -286,6 +286,16 @@ class Grouter(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"experts={c['num_experts']}, top_k={c['top_k']}, causal={c['causal']}, score={c['score']!r}"
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's state (parameters and buffers)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _config_sha256(config: Dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
 """Pre-dispatch: routes computed once, offline, and stored beside the tokens.
 
-A folder holds `header.json` and three raw little-endian arrays, memory-mapped when read:
-tokens.bin (int32 [count, S]), ids.bin (uint8 when E <= 256, else int16 [count, S, K]) and
-weights.bin (bfloat16 bits as uint16 [count, S, K]). The header records E, K, S, count, the dtypes
-and the Grouter's checksum; the reader refuses files whose sizes disagree with the header, or a
-Grouter other than the one that wrote them.
+A folder holds `header.json` and raw little-endian arrays, memory-mapped read-only when read:
+tokens.bin (int32 [count, S]), ids.bin (uint8 when E <= 256, else int16 [count, S, K]),
+weights.bin (bfloat16 bits as uint16 [count, S, K]) and digests.bin (16 bytes per sample: a digest
+of its tokens, ids and weights). The header records E, K, S, count, the dtypes and the Grouter's
+checksum, and carries its own checksum; the reader refuses an edited or invalid header, files whose
+sizes disagree with it, a Grouter other than the one that wrote them, and - when a sample is read -
+a sample whose bytes no longer match its digest (one flipped bit is caught).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .array_folder import bf16_bits, check_sizes, from_bf16_bits, read_header, write_header
+from .array_folder import (DIGEST_BYTES, bf16_bits, check_sizes, from_bf16_bits, positive_int, read_header,
+                           sample_digest, verify_digests, write_header)
 
 __all__ = ["predispatch", "PredispatchReader"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_FIELDS = dict(num_experts=positive_int, top_k=positive_int, seq_len=positive_int, count=positive_int,
+               ids_dtype=lambda v: v in ("uint8", "int16"), weights_dtype=lambda v: v == "bfloat16",
+               grouter_checksum=lambda v: isinstance(v, str))
 
 
 def _as_samples(tokens, seq_len: Optional[int]) -> Tensor:
@@ -55,6 +61,7 @@ def predispatch(g, tokens, path: Union[str, Path], seq_len: Optional[int] = None
     t_mm = np.memmap(path / "tokens.bin", dtype="<i4", mode="w+", shape=(count, S))
     i_mm = np.memmap(path / "ids.bin", dtype=id_dtype, mode="w+", shape=(count, S, K))
     w_mm = np.memmap(path / "weights.bin", dtype="<u2", mode="w+", shape=(count, S, K))
+    d_mm = np.memmap(path / "digests.bin", dtype=np.uint8, mode="w+", shape=(count, DIGEST_BYTES))
     starts = range(0, count, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -66,7 +73,9 @@ def predispatch(g, tokens, path: Union[str, Path], seq_len: Optional[int] = None
         t_mm[s:s + len(batch)] = batch.numpy().astype("<i4")
         i_mm[s:s + len(batch)] = ids.cpu().numpy().astype(id_dtype)
         w_mm[s:s + len(batch)] = bf16_bits(w)
-    for mm in (t_mm, i_mm, w_mm):
+        for i in range(s, s + len(batch)):
+            d_mm[i] = sample_digest(t_mm[i], i_mm[i], w_mm[i])
+    for mm in (t_mm, i_mm, w_mm, d_mm):
         mm.flush()
     header = dict(format="grouter-predispatch", format_version=FORMAT_VERSION, num_experts=E, top_k=K,
                   seq_len=S, count=count, ids_dtype=np.dtype(id_dtype).name, weights_dtype="bfloat16",
@@ -80,11 +89,14 @@ class PredispatchReader:
 
     def __init__(self, path: Union[str, Path], grouter=None):
         path = Path(path)
-        h = read_header(path, "grouter-predispatch", FORMAT_VERSION, "pre-dispatch")
-        count, S, K = h["count"], h["seq_len"], h["top_k"]
+        h = read_header(path, "grouter-predispatch", FORMAT_VERSION, "pre-dispatch", _FIELDS)
+        count, S, K, E = h["count"], h["seq_len"], h["top_k"], h["num_experts"]
+        if K > E or h["ids_dtype"] != ("uint8" if E <= 256 else "int16"):
+            raise ValueError(f"{path / 'header.json'}: inconsistent fields (top_k {K}, num_experts {E}, ids_dtype "
+                             f"{h['ids_dtype']})")
         id_dtype = np.dtype(h["ids_dtype"]).newbyteorder("<")
         check_sizes(path, {"tokens.bin": count * S * 4, "ids.bin": count * S * K * id_dtype.itemsize,
-                           "weights.bin": count * S * K * 2})
+                           "weights.bin": count * S * K * 2, "digests.bin": count * DIGEST_BYTES})
         if grouter is not None:
             if grouter.checksum() != h["grouter_checksum"]:
                 raise ValueError(f"{path} was routed by another Grouter (checksum mismatch)")
@@ -95,12 +107,24 @@ class PredispatchReader:
         self.tokens = np.memmap(path / "tokens.bin", dtype="<i4", mode="r", shape=(count, S))
         self.ids = np.memmap(path / "ids.bin", dtype=id_dtype, mode="r", shape=(count, S, K))
         self.weights = np.memmap(path / "weights.bin", dtype="<u2", mode="r", shape=(count, S, K))
+        self.digests = np.memmap(path / "digests.bin", dtype=np.uint8, mode="r", shape=(count, DIGEST_BYTES))
 
     def __len__(self) -> int:
         return self.header["count"]
 
+    def _arrays(self):
+        return [self.tokens, self.ids, self.weights]
+
+    def verify(self) -> None:
+        """Check every sample against its digest (reading a sample checks that sample only)."""
+        verify_digests(self.path, self.digests, self._arrays(), 0, len(self))
+
     def __getitem__(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """Sample i; its expert ids are range-checked here (opening the folder reads no ids)."""
+        """Sample i, checked against its digest; its expert ids are range-checked here."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        i = i % len(self)
+        verify_digests(self.path, self.digests, self._arrays(), i, i + 1)
         tokens = torch.from_numpy(np.array(self.tokens[i], dtype=np.int64))
         ids = torch.from_numpy(np.array(self.ids[i], dtype=np.int64))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.header["num_experts"]):

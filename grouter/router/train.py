@@ -1,8 +1,10 @@
 """Training a Grouter: distillation from a source MoE's router, and expert tuning for balance.
 
-distill: KL(softmax(source router logits at MoE layer `layer`) || softmax(Grouter logits)) over
-    all experts, no temperature. The source's logits are captured by a forward hook on its router
-    (transformers MoE blocks, or grouter.nn.MoE layers with a learned router).
+distill: KL(P || softmax(Grouter logits)) over all experts, no temperature, where P is the teacher
+    distribution of the source router at MoE layer `layer` (softmax of its logits for softmax
+    routers; its normalised corrected scores within the chosen groups for sigmoid + bias + group-
+    limited ones: `grouter.router.source_rule`). Top-k agreement is measured against the experts
+    the source block actually chose.
 tune: only the final projection W_s learns (method "aux": weight and bias by the sequence-level
     GShard load-balancing loss; "bias": only the bias, by loss-free sign updates towards equal load).
 """
@@ -20,7 +22,7 @@ from .metrics import max_vio
 from .model import Grouter
 from .teacher import TeacherLogits, teacher_logits
 
-__all__ = ["distill", "tune", "RouterLogitCapture", "sequence_balance_loss", "batch_balance_loss", "kl_to_source",
+__all__ = ["distill", "tune", "sequence_balance_loss", "batch_balance_loss", "kl_to_source",
            "heldout_metrics"]
 
 
@@ -39,49 +41,12 @@ def _cycle(batches: Iterable[Tensor]):
     return itertools.cycle(batches)
 
 
-class RouterLogitCapture:
-    """Context manager: records the router logits [tokens, E] of MoE layer `layer` of `source`."""
-
-    def __init__(self, source: nn.Module, layer: int = 0):
-        from ..nn.blocks import moe_blocks
-        from ..nn.moe import MoE
-
-        self.logits: Optional[Tensor] = None
-        hf = moe_blocks(source)
-        ours = [m for m in source.modules() if isinstance(m, MoE) and m.router is not None]
-        if hf:
-            candidates = [getattr(block, attr) for _, block, attr in hf]
-            self._read = lambda module, out: out[0]
-        elif ours:
-            candidates = [m.router for m in ours]
-            self._read = lambda module, out: module.logits
-        else:
-            raise ValueError(f"distill: {type(source).__name__} has no MoE layer with a learned router")
-        if not -len(candidates) <= layer < len(candidates):
-            raise ValueError(f"distill: layer={layer}, but the source has {len(candidates)} MoE layers")
-        self._module = candidates[layer]
-        self._handle = None
-        self.stop = False  # set by teacher.run_to_router: end the forward right after this router
-
-    def __enter__(self):
-        from .teacher import _Captured
-
-        def hook(module, args, out):
-            self.logits = self._read(module, out).detach()
-            if self.stop:
-                raise _Captured
-
-        self._handle = self._module.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-
-def _kl(source_logits: Tensor, logits: Tensor) -> Tensor:
-    p_log = source_logits.float().log_softmax(-1)
+def _kl(target_log_probs: Tensor, logits: Tensor) -> Tensor:
+    """Mean over tokens of KL(P || softmax(logits)); P may be 0 (log -inf) outside a source's chosen groups."""
+    p = target_log_probs.exp()
+    p_log = torch.where(p > 0, target_log_probs, torch.zeros_like(target_log_probs))
     q_log = logits.float().log_softmax(-1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+    return (p * (p_log - q_log)).sum(-1).mean()
 
 
 def _token_batches(batches, name: str = "batches") -> List[Tensor]:
@@ -125,24 +90,27 @@ def _teacher(source, batches: Optional[List[Tensor]], layer: int, progress: bool
 
 @torch.no_grad()
 def heldout_metrics(g: Grouter, teacher: TeacherLogits, batch_size: int = 16) -> Dict[str, float]:
-    """On `teacher`'s tokens (held out from training): mean KL(source router || Grouter) per token and
-    top-k agreement, the fraction of the source's top-k experts (k = g.top_k) the Grouter also picks."""
+    """On `teacher`'s tokens (held out from training): mean KL(teacher distribution || Grouter) per
+    token and top-k agreement: the fraction of the experts the source block chose (k of them, the
+    source's k) that are among the Grouter's top k."""
+    if teacher.num_experts != g.num_experts:
+        raise ValueError(f"the source router has {teacher.num_experts} experts, the Grouter {g.num_experts}")
     device = next(g.parameters()).device
     kl, agree, tokens = 0.0, 0.0, 0
     was_training = g.training
     g.eval()
-    for x, target in teacher.batches(batch_size):
+    for x, target, chosen in teacher.batches(batch_size):
         _check_vocab(g, x, "held-out tokens")
         logits = g(x.to(device)).reshape(-1, g.num_experts).float()
         target = target.reshape(-1, teacher.num_experts).to(device)
+        chosen = chosen.reshape(-1, teacher.top_k).to(device)
         n = target.shape[0]
         kl += float(_kl(target, logits)) * n
-        mine = logits.topk(g.top_k, -1).indices
-        theirs = target.topk(g.top_k, -1).indices
-        agree += float((mine[:, :, None] == theirs[:, None, :]).any(-1).float().mean(-1).sum())
+        mine = logits.topk(teacher.top_k, -1).indices
+        agree += float((mine[:, :, None] == chosen[:, None, :]).any(-1).float().mean(-1).sum())
         tokens += n
     g.train(was_training)
-    return dict(kl=kl / tokens, topk_agreement=agree / tokens, tokens=tokens)
+    return dict(kl=kl / tokens, topk_agreement=agree / tokens, tokens=tokens, k=teacher.top_k)
 
 
 def kl_to_source(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, layer: int = 0) -> float:
@@ -164,7 +132,10 @@ def distill(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, laye
         raise ValueError(f"distill: the source router has {teacher.num_experts} experts, the Grouter "
                          f"{g.num_experts}; the Grouter needs the source's number of experts")
     _check_id_range(g, *teacher.token_range(), "distillation tokens")
-    batch_size = batch_size or (batches[0].shape[0] if batches else 8)
+    if batch_size is None:
+        batch_size = batches[0].shape[0] if batches else 8
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"distill: steps, batch_size and lr must be positive, got {steps}, {batch_size}, {lr}")
     device = next(g.parameters()).device
     g.train()
     opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=weight_decay)
@@ -175,7 +146,7 @@ def distill(g: Grouter, source, batches: Optional[Iterable[Tensor]] = None, laye
     starts = list(range(0, teacher.count, batch_size))
     try:
         for step in _progress(range(steps), steps, "distill", progress):
-            tokens, target = teacher.batch(starts[step % len(starts)], batch_size)
+            tokens, target, _ = teacher.batch(starts[step % len(starts)], batch_size)
             logits = g(tokens.to(device)).reshape(-1, g.num_experts)
             loss = _kl(target.reshape(-1, g.num_experts).to(device), logits)
             opt.zero_grad(set_to_none=True)
@@ -242,6 +213,9 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
     """
     if method not in ("aux", "bias"):
         raise ValueError(f"method must be 'aux' or 'bias', got {method!r}")
+    if steps < 1 or eval_every < 1 or (lr is not None and not lr > 0):
+        raise ValueError(f"tune: steps and eval_every must be positive and lr positive or None, got {steps}, "
+                         f"{eval_every}, {lr}")
     train = _token_batches(batches)
     check = _token_batches(heldout, "heldout") if heldout is not None else train
     for b in train + check:
@@ -269,7 +243,7 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
         if method == "aux":
             for p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=lr or 1e-2, weight_decay=0.0)
+            opt = torch.optim.AdamW(params, lr=1e-2 if lr is None else lr, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
             g.train()
         for step in _progress(range(1, steps + 1), steps, f"tune ({method})", progress):
@@ -278,7 +252,7 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
                 ids, _ = g.route(batch)
                 load = torch.bincount(ids.reshape(-1), minlength=g.num_experts).float()
                 with torch.no_grad():
-                    g.proj.bias.add_((lr or bias_rate) * torch.sign(load.mean() - load).to(g.proj.bias))
+                    g.proj.bias.add_((bias_rate if lr is None else lr) * torch.sign(load.mean() - load).to(g.proj.bias))
                 history.append(max_vio(ids, g.num_experts))
             else:
                 logits = g(batch)

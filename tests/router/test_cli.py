@@ -65,7 +65,7 @@ def test_help_shows_every_default_and_version():
 
 @pytest.mark.parametrize("args,message", [
     (["tune", "--grouter", "G", "--data", "F", "--out", "o", "--steps", "x"], "argument --steps: invalid int value"),
-    (["tune", "--grouter", "G", "--data", "F", "--out", "o"], "grouter tune: Grouter.load: "),
+    (["tune", "--grouter", "G", "--data", "GOOD", "--out", "o"], "grouter tune: Grouter.load: "),
     (["tune", "--grouter", "G", "--data", "FLOAT", "--out", "o"], "token ids must be integers, got float64"),
     (["fold", "--grouter", "G", "--data", "OOV", "--out", "o", "--experts", "2"], f"outside the vocabulary of {VOCAB}"),
     (["distill", "--source", "NOPE", "--data", "F", "--out", "o"], "--source NOPE: no such folder"),
@@ -74,9 +74,10 @@ def test_errors_are_one_line_and_exit_2(tmp_path, args, message):
     small_grouter().save(tmp_path / "g")
     np.save(tmp_path / "f.npy", np.random.rand(500))
     np.save(tmp_path / "oov.npy", np.full(500, VOCAB + 1))
-    paths = {"G": tmp_path / "g", "FLOAT": tmp_path / "f.npy", "OOV": tmp_path / "oov.npy", "F": tmp_path / "none.npy",
+    np.save(tmp_path / "good.npy", np.random.randint(0, VOCAB, 500))
+    paths = {"GOOD": tmp_path / "good.npy", "G": tmp_path / "g", "FLOAT": tmp_path / "f.npy", "OOV": tmp_path / "oov.npy", "F": tmp_path / "none.npy",
              "NOPE": tmp_path / "nope"}
-    if args[-1] == "o" and "--grouter" in args and "FLOAT" not in args and "OOV" not in args:
+    if "GOOD" in args:
         paths["G"] = tmp_path / "missing"
     r = run_cli(*[str(paths.get(a, a)) for a in args])
     assert r.returncode == 2 and r.stdout == ""
@@ -101,7 +102,7 @@ def test_each_step_reports_heldout_figures(tmp_path):
     report = json.loads((tmp_path / "g" / "report.json").read_text())["heldout"]
     assert report["samples"] == 25 and report["kl_after"] < report["kl_before"]
     assert 0 <= report["topk_agreement_before"] < report["topk_agreement"] <= 1
-    assert (tmp_path / "g" / "teacher" / "heldout" / "logits.bin").is_file()
+    assert (tmp_path / "g" / "teacher" / "heldout" / "targets.bin").is_file()
     assert main(["fold", "--grouter", str(tmp_path / "g"), *data, "--experts", "4", "--out", str(tmp_path / "f")]) == 0
     assert "max_vio" in json.loads((tmp_path / "f" / "report.json").read_text())["heldout"]
     assert main(["tune", "--grouter", str(tmp_path / "f"), *data, "--out", str(tmp_path / "t")]) == 0

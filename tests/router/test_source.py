@@ -7,8 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 import grouter  # noqa: E402
 from grouter.hf.source import load_source  # noqa: E402
-from grouter.router.teacher import run_to_router  # noqa: E402
-from grouter.router.train import RouterLogitCapture  # noqa: E402
+from grouter.router.capture import SourceCapture  # noqa: E402
 
 VOCAB = 97
 
@@ -35,12 +34,11 @@ def test_partial_source_gives_the_full_models_router_logits(tmp_path, layer):
     assert info["decoder_layers_kept"] == (1 if layer == 0 else 4) and info["decoder_layers_total"] == 6
     assert len(part.layers) == info["decoder_layers_kept"] and not hasattr(part, "lm_head")
     ids = torch.randint(0, VOCAB, (2, 11))
-    with RouterLogitCapture(full, layer) as cap:
-        full(ids)
-        want = cap.logits
-    with RouterLogitCapture(part, layer) as cap:
-        got = run_to_router(part, cap, ids)
-    assert torch.equal(got, want)
+    with SourceCapture(full, layer) as cap:
+        want = cap.run(ids)
+    with SourceCapture(part, layer) as cap:
+        got = cap.run(ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_partial_source_keeps_the_stored_dtype_or_casts(tmp_path):
@@ -71,9 +69,9 @@ def test_the_source_stops_after_the_distilled_router(tmp_path):
     save_qwen3(tmp_path, layers=3)
     part, _ = load_source(tmp_path, 1)
     ran = []
-    part.layers[1].mlp.experts.register_forward_pre_hook(lambda *a: ran.append(1))
-    with RouterLogitCapture(part, 1) as cap:
-        run_to_router(part, cap, torch.randint(0, VOCAB, (1, 5)))
+    part.layers[1].mlp.experts.register_forward_hook(lambda *a: ran.append(1))
+    with SourceCapture(part, 1) as cap:
+        cap.run(torch.randint(0, VOCAB, (1, 5)))
     assert ran == []  # the distilled layer's experts never ran
     assert grouter.router.TeacherLogits  # exported
 
@@ -99,8 +97,8 @@ def test_partial_source_of_other_families(tmp_path, family):
     part, info = load_source(tmp_path, 1)
     assert info["decoder_layers_kept"] == 2 and info["num_experts"] == 8
     ids = torch.randint(0, VOCAB, (2, 9))
-    with RouterLogitCapture(full, 1) as cap:
-        full(ids)
-        want = cap.logits
-    with RouterLogitCapture(part, 1) as cap:
-        assert torch.equal(run_to_router(part, cap, ids), want)
+    with SourceCapture(full, 1) as cap:
+        want = cap.run(ids)
+    with SourceCapture(part, 1) as cap:
+        got = cap.run(ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
