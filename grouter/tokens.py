@@ -235,9 +235,9 @@ def _texts(path: Path, text_field: str) -> List[str]:
 
 def load_tokenizer(folder: Union[str, Path], what: str = "--tokenizer"):
     """A transformers tokenizer from a local folder (never a hub id); ValueError naming the problem."""
-    folder = Path(folder)
+    given, folder = str(folder), Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{what} {folder}: no such folder (a local tokenizer or model folder is expected; nothing "
+        raise ValueError(f"{what} {given}: no such folder (a local tokenizer or model folder is expected; nothing "
                          "is downloaded)")
     import transformers
 
@@ -245,7 +245,7 @@ def load_tokenizer(folder: Union[str, Path], what: str = "--tokenizer"):
         return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or ["no message"])[0]
-        raise ValueError(f"{what} {folder}: no tokenizer could be loaded from it ({first})") from None
+        raise ValueError(f"{what} {given}: no tokenizer could be loaded from it ({first})") from None
 
 
 def _text(path: Path, tokenizer, vocab_size: Optional[int], text_field: str, separator: str) -> List[np.ndarray]:

@@ -2,7 +2,12 @@
 
 A folder is what transformers writes, plus the Grouter's verified artifact in ``grouter/`` and a
 marker in ``config.json`` (``"grouter": {"path": "grouter", "checksum": ...}``; ``"path": null`` for
-a model attached without a Grouter, whose routes come from outside).
+a model attached without a Grouter, whose routes come from outside). config.json also names
+``"experts_implementation": "grouter"``, so that loading the folder with plain transformers is never
+silently routed by the model's untrained gates: without grouter imported transformers refuses the
+unknown implementation; with it, the first forward raises and says to use
+``grouter.hf.from_pretrained``. Only an explicit ``experts_implementation=`` of another kind bypasses
+both.
 """
 
 from __future__ import annotations
@@ -36,7 +41,11 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], *args, **kwargs) -
                         "attach a grouter.Grouter")
     model.config.grouter = dict(format=_FORMAT, path=_DIR if g is not None else None,
                                 checksum=g.checksum() if g is not None else None)
-    type(model).save_pretrained(model, path, *args, **kwargs)
+    model.config.experts_implementation = "grouter"  # read back by transformers as the implementation to load
+    try:
+        type(model).save_pretrained(model, path, *args, **kwargs)
+    finally:
+        del model.config.experts_implementation
     if g is not None:
         g.save(path / _DIR)
 

@@ -1,6 +1,8 @@
 """Attached models: routes from outside, routes that belong to one forward, modes, compile, save/load."""
 
 import copy
+import subprocess
+import sys
 import json
 
 import pytest
@@ -174,6 +176,14 @@ def test_save_and_load_keep_the_grouter(tmp_path, name):
         assert torch.equal(loaded(ids).logits, expected)
     with pytest.raises(RuntimeError, match="saved with a Grouter"):  # loaded without grouter: not silent
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", experts_implementation="grouter")(ids)
+    # plain transformers, as a user or pipeline() loads it: the folder names the grouter implementation
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert plain.config._experts_implementation == "grouter"
+    with pytest.raises(RuntimeError, match="grouter.hf.from_pretrained"):
+        plain(ids)
+    code = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'a')!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # grouter never imported
+    assert r.returncode != 0 and 'experts_implementation="grouter"' in r.stderr
 
 
 def test_load_errors(tmp_path):
