@@ -98,6 +98,14 @@ def cmd_distill(args) -> None:
           f"{after['topk_agreement']:.3f} ({len(history)} steps, {seconds:.1f} s)")
 
 
+def _grouter_step(args):
+    """(the Grouter, the output folder) of fold/expand/tune/predispatch, every argument checked first."""
+    check_device(args.device)
+    out = check_out(args.out)
+    check_data(args)
+    return load_grouter(args.grouter, args.device), out
+
+
 def _check_fewer(g, args) -> None:
     if args.experts > g.num_experts:
         raise ValueError(f"--experts {args.experts}: fold makes fewer experts than the Grouter's {g.num_experts}; "
@@ -119,10 +127,7 @@ def _held_max_vio(g, held, args) -> float:
 def cmd_fold(args) -> None:
     from ..router import affinity, fold, fold_groups
 
-    check_device(args.device)
-    out = check_out(args.out)
-    check_data(args)
-    g = load_grouter(args.grouter, args.device)
+    g, out = _grouter_step(args)
     _check_fewer(g, args)
     train, held, unit = split(args, documents(args, g.vocab_size))
     groups = fold_groups(affinity(g, batches(train, args.batch_size)), args.experts, strategy=args.strategy,
@@ -139,10 +144,7 @@ def cmd_fold(args) -> None:
 def cmd_expand(args) -> None:
     from ..router import expand
 
-    check_device(args.device)
-    out = check_out(args.out)
-    check_data(args)
-    g = load_grouter(args.grouter, args.device)
+    g, out = _grouter_step(args)
     if args.experts < g.num_experts:
         raise ValueError(f"--experts {args.experts}: expand makes more experts than the Grouter's {g.num_experts}; "
                          "`grouter fold` makes fewer")
@@ -158,10 +160,7 @@ def cmd_expand(args) -> None:
 def cmd_tune(args) -> None:
     from ..router import tune
 
-    check_device(args.device)
-    out = check_out(args.out)
-    check_data(args)
-    g = load_grouter(args.grouter, args.device)
+    g, out = _grouter_step(args)
     train, held, unit = split(args, documents(args, g.vocab_size))
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -180,10 +179,7 @@ def cmd_tune(args) -> None:
 def cmd_predispatch(args) -> None:
     from ..router import predispatch
 
-    check_device(args.device)
-    out = check_out(args.out)
-    check_data(args)
-    g = load_grouter(args.grouter, args.device)
+    g, out = _grouter_step(args)
     samples = all_samples(args, documents(args, g.vocab_size))
     t0 = time.perf_counter()
     path = predispatch(g, samples, out, batch_size=args.batch_size)

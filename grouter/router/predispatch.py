@@ -119,19 +119,29 @@ class PredispatchReader:
         """Check every sample against its digest (reading a sample checks that sample only)."""
         verify_digests(self.path, self.digests, self._arrays(), 0, len(self))
 
-    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """Sample i, checked against its digest; its expert ids are range-checked here."""
-        if not -len(self) <= i < len(self):
+    def __getitem__(self, i) -> Tuple[Tensor, Tensor, Tensor]:
+        """Sample i ([S], [S, K], [S, K]) or a slice of samples ([n, S], ...), each checked against its
+        digest as it is read; expert ids are range-checked here."""
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("PredispatchReader reads contiguous slices only")
+            stop = max(start, stop)
+        elif -len(self) <= i < len(self):
+            start = i % len(self)
+            stop = start + 1
+        else:
             raise IndexError(f"sample {i} of {len(self)}")
-        i = i % len(self)
-        verify_digests(self.path, self.digests, self._arrays(), i, i + 1)
-        tokens = torch.from_numpy(np.array(self.tokens[i], dtype=np.int64))
-        ids = torch.from_numpy(np.array(self.ids[i], dtype=np.int64))
+        verify_digests(self.path, self.digests, self._arrays(), start, stop)
+        tokens = torch.from_numpy(np.array(self.tokens[start:stop], dtype=np.int64))
+        ids = torch.from_numpy(np.array(self.ids[start:stop], dtype=np.int64))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.header["num_experts"]):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"{self.path / 'ids.bin'}: sample {i} holds expert id {bad}, outside "
+            raise ValueError(f"{self.path / 'ids.bin'}: samples {start}:{stop} hold expert id {bad}, outside "
                              f"[0, {self.header['num_experts']})")
-        weights = from_bf16_bits(self.weights[i])
+        weights = from_bf16_bits(self.weights[start:stop])
+        if not isinstance(i, slice):
+            return tokens[0], ids[0], weights[0]
         return tokens, ids, weights
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
