@@ -59,8 +59,33 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     return ops.unpermute(rows, plan, top_k_weights)
 
 
+def _eager(self: nn.Module, *args, **kwargs):
+    # use_experts_implementation wraps the class's own forward with functools.wraps: that is eager
+    return type(self).forward.__wrapped__(self, *args, **kwargs)
+
+
+def _guarded(implementation):
+    """`implementation`, warning once per experts module of a folder saved with a Grouter that runs
+    without one: its never-trained gates would route it."""
+
+    def forward(self: nn.Module, *args, **kwargs):
+        if (getattr(self, "_grouter_attachment", None) is None and not getattr(self, "_grouter_warned", False)
+                and getattr(getattr(self, "config", None), "grouter", None)):
+            self._grouter_warned = True
+            warnings.warn("grouter.hf: this model was saved with a Grouter (config.grouter) but runs without one, so "
+                          "its never-trained gates route it; load it with grouter.hf.from_pretrained(path)",
+                          stacklevel=2)
+        return implementation(self, *args, **kwargs)
+
+    forward._grouter_guarded = True
+    return forward
+
+
 def register() -> bool:
-    """Register ``"grouter"`` in transformers' experts interface (idempotent); False without transformers."""
+    """Register ``"grouter"`` in transformers' experts interface (idempotent); False without transformers.
+
+    The other implementations (eager included) are wrapped so that a model saved with a Grouter and
+    loaded on one of them without it warns instead of routing silently by its untrained gates."""
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError:
@@ -68,4 +93,8 @@ def register() -> bool:
 
     if ALL_EXPERTS_FUNCTIONS.get("grouter") is not experts_forward:
         ALL_EXPERTS_FUNCTIONS.register("grouter", experts_forward)
+    for name in ["eager"] + [n for n in ALL_EXPERTS_FUNCTIONS if n != "grouter"]:
+        current = ALL_EXPERTS_FUNCTIONS.get(name, _eager if name == "eager" else None)
+        if current is not None and not getattr(current, "_grouter_guarded", False):
+            ALL_EXPERTS_FUNCTIONS.register(name, _guarded(current))
     return True

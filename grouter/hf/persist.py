@@ -6,8 +6,8 @@ a model attached without a Grouter, whose routes come from outside). config.json
 ``"experts_implementation": "grouter"``, so that loading the folder with plain transformers is never
 silently routed by the model's untrained gates: without grouter imported transformers refuses the
 unknown implementation; with it, the first forward raises and says to use
-``grouter.hf.from_pretrained``. Only an explicit ``experts_implementation=`` of another kind bypasses
-both.
+``grouter.hf.from_pretrained``; on another implementation chosen explicitly, its first forward warns
+(`grouter.hf.register` guards transformers' other experts implementations).
 """
 
 from __future__ import annotations

@@ -147,7 +147,11 @@ def teacher_logits(source: nn.Module, samples: Tensor, layer: int = 0, path: Uni
     if not isinstance(samples, Tensor) or samples.dim() != 2 or samples.shape[0] == 0 or samples.shape[1] == 0:
         shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
         raise ValueError(f"samples must be a non-empty [count, S] tensor of token ids, got {shape}")
+    if samples.dtype.is_floating_point or samples.dtype == torch.bool:
+        raise ValueError(f"samples must be integer token ids, got {samples.dtype}")
     samples = samples.cpu()
+    if int(samples.min()) < 0:
+        raise ValueError(f"samples hold a negative token id ({int(samples.min())})")
     count, S = samples.shape
     device = next(source.parameters()).device
     was_training = source.training

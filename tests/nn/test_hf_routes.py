@@ -181,6 +181,10 @@ def test_save_and_load_keep_the_grouter(tmp_path, name):
     assert plain.config._experts_implementation == "grouter"
     with pytest.raises(RuntimeError, match="grouter.hf.from_pretrained"):
         plain(ids)
+    for implementation in ("eager", "grouped_mm"):  # chosen explicitly: it runs, but never silently
+        other = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", experts_implementation=implementation)
+        with pytest.warns(UserWarning, match="its never-trained gates route it"):
+            other(ids)
     code = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'a')!r})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # grouter never imported
     assert r.returncode != 0 and 'experts_implementation="grouter"' in r.stderr
