@@ -222,12 +222,13 @@ def _open_for_writing(path: Path, samples: Tensor, header: dict, overwrite: bool
         try:
             old = TeacherLogits.open(path, complete=False)
             same = all(old.header.get(k) == header[k] for k in _KEY)
-            problem = None if same else "teacher targets of other data or another source (its content changed)"
+            problem = None if same else (f"{path} holds teacher targets of other data or another source (their "
+                                         "content changed)")
         except ValueError as e:
             old, problem = None, str(e)
         if problem is not None:
             if not overwrite:
-                raise ValueError(f"{path} holds {problem}; use a new output folder or --overwrite "
+                raise ValueError(f"{problem}; use a new output folder or --overwrite "
                                  "(overwrite=True)") from None
             shutil.rmtree(path)
         else:

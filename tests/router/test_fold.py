@@ -62,7 +62,8 @@ def test_fold_sums_source_logits(grouter_model, batches):
     x = torch.randint(0, VOCAB, (2, 16))
     torch.testing.assert_close(folded(x), grouter_model(x) @ M, rtol=1e-5, atol=1e-5)
     assert grouter.fold(grouter_model, groups, top_k=1).top_k == 1
-    assert grouter.fold(grouter_model, torch.zeros(8, dtype=torch.long)).top_k == 1  # min(top_k, n)
+    with pytest.warns(UserWarning, match="fewer than top_k=2"):  # lowered to min(top_k, n), never silently
+        assert grouter.fold(grouter_model, torch.zeros(8, dtype=torch.long)).top_k == 1
 
 
 def test_fold_sums_biases():
