@@ -1,9 +1,10 @@
 """Tiny transformers MoE sources of several router kinds (softmax; sigmoid + correction bias +
 group limits), with routing that varies from token to token."""
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 import grouter.hf  # noqa: E402
 
