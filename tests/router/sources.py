@@ -14,7 +14,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden
 
 
 def family_model(family, bias_std=0.0, n_group=1, topk_group=1, layers=2, seed=0):
-    """A `family` model ("qwen3_moe", "deepseek_v3", "glm4_moe") with gates of std 0.5 and a
+    """A `family` model ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe") with gates of std 0.5 and a
     correction bias of std `bias_std` (sigmoid families), in eval mode."""
     torch.manual_seed(seed)
     common = dict(COMMON, num_hidden_layers=layers)
@@ -24,6 +24,13 @@ def family_model(family, bias_std=0.0, n_group=1, topk_group=1, layers=2, seed=0
                                                first_k_dense_replace=0, n_shared_experts=1, kv_lora_rank=16,
                                                q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
         model = transformers.DeepseekV3ForCausalLM(config)
+    elif family == "deepseek_v2":
+        config = transformers.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, n_routed_experts=8,
+                                               moe_intermediate_size=16, n_group=n_group, topk_group=topk_group,
+                                               topk_method="group_limited_greedy" if n_group > 1 else "greedy",
+                                               first_k_dense_replace=0, n_shared_experts=1, kv_lora_rank=16,
+                                               q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        model = transformers.DeepseekV2ForCausalLM(config)
     elif family == "glm4_moe":
         config = transformers.Glm4MoeConfig(**common, n_routed_experts=8, moe_intermediate_size=16, n_group=n_group,
                                             topk_group=topk_group, first_k_dense_replace=0, n_shared_experts=1)

@@ -112,3 +112,18 @@ def test_the_capture_stops_before_the_experts_and_reads_the_block():
     assert ran == [] and logits.shape == (30, 8) and ids.shape == (30, 2)
     assert torch.equal(ids.sort(-1).values, chosen_by_the_gate(model, tokens).sort(-1).values)
     assert "correction bias" in cap.rule.describe() and "best 2 of 4 groups" in cap.rule.describe()
+
+
+@pytest.mark.parametrize("family,n_group,topk_group,described", [
+    ("qwen3_moe", 1, 1, "softmax"),
+    ("deepseek_v2", 4, 2, "softmax + best 2 of 4 groups (max)"),
+    ("deepseek_v3", 2, 1, "sigmoid + correction bias + best 1 of 2 groups (top2_sum)"),
+    ("glm4_moe", 1, 1, "sigmoid + correction bias"),
+])
+def test_every_family_reading_reproduces_its_block(family, n_group, topk_group, described):
+    model = family_model(family, bias_std=0.5, n_group=n_group, topk_group=topk_group)
+    tokens = torch.randint(0, VOCAB, (12, 16))
+    teacher = teacher_logits(model, tokens, batch_size=4, progress=False)  # checks the reading on every batch
+    assert teacher.header["rule"] == described
+    assert torch.equal(teacher.batch(0, 12)[2].reshape(-1, 2).sort(-1).values,
+                       chosen_by_the_gate(model, tokens).sort(-1).values)
