@@ -57,22 +57,34 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError("pass either a DeviceMesh (mesh=) or a process group (group=), not both")
         if mesh is None:
             group_info(group)  # raises unless torch.distributed is initialised
-            mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, device.type)
+            group_or_world = group if group is not None else dist.group.WORLD
+            mesh_type = device.type if device.type != "meta" else _collective_device(group_or_world).type
+            mesh = DeviceMesh.from_group(group_or_world, mesh_type)
         self.mesh, self.ep_dim, self.dp_group = _split_mesh(mesh)
         group = mesh.get_group(self.ep_dim)
         rank, world = group_info(group)
         E = moe.num_experts
         self.group, self.rank, self.world_size = group, rank, world
         self.hidden_size, self.num_experts, self.top_k = moe.hidden_size, E, moe.top_k
-        self.placement = check_placement(contiguous_placement(E, world) if placement is None else placement, E, world)
-        if world > 1:  # once per layer: ranks that disagree here would exchange garbage later
-            device = moe.experts.gate_up_proj.device
-            shape = torch.tensor([E, moe.top_k, moe.hidden_size, moe.experts.intermediate_size])
-            if not same_on_all_ranks(shape, device, group):
+        problem = None
+        try:
+            placement = check_placement(contiguous_placement(E, world) if placement is None else placement, E, world)
+        except ValueError as e:
+            problem = str(e)
+        if world > 1:  # once per layer, and every rank agrees before any raises: none is left waiting
+            device = _collective_device(group)
+            shape = torch.tensor([E, moe.top_k, moe.hidden_size, moe.experts.intermediate_size, problem is not None])
+            agreed = same_on_all_ranks(shape, device, group)
+            if problem is not None:
+                raise ValueError(problem)
+            if not agreed:
                 raise ValueError("the ranks wrap MoE layers of different sizes (num_experts, top_k, hidden or "
-                                 "intermediate size)")
-            if not same_on_all_ranks(self.placement, device, group):
+                                 "intermediate size), or another rank's placement is invalid")
+            if not same_on_all_ranks(placement, device, group):
                 raise ValueError("the ranks pass different placements: every rank must use the same one")
+        elif problem is not None:
+            raise ValueError(problem)
+        self.placement = placement
         self.local_experts: List[int] = self.placement[rank].tolist()
         src = moe.experts
         # Built on the meta device (no initialisation, no draw from the global RNG), then given
@@ -161,6 +173,13 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}/{self.world_size}, "
                 f"local_experts={self.local_experts}")
+
+
+def _collective_device(group) -> torch.device:
+    """Where this group's collectives run (the layer's own weights may be on the meta device)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _split_mesh(mesh: DeviceMesh) -> Tuple[DeviceMesh, int, Optional[dist.ProcessGroup]]:
