@@ -52,11 +52,15 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int, gro
     """
     counts = _summed(_expert_counts(expert_ids, num_experts), group).to(probs.dtype)
     f = counts / counts.sum().clamp(min=1)
+    if probs.shape[0] == 0:  # a rank without tokens: no term, not the NaN of an empty mean
+        return probs.sum() * 0
     return num_experts * (f * probs.mean(0)).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small."""
+    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small (0 without tokens)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 

@@ -100,6 +100,14 @@ def test_load_balancing_loss_is_one_when_balanced():
     assert gnn.max_vio(torch.zeros(8, 1, dtype=torch.long), E) == 3.0
 
 
+def test_losses_of_a_rank_without_tokens_are_zero_not_nan():
+    moe = gnn.MoE(16, 8, 4, 2, router="softmax")
+    out = moe(torch.zeros(0, 16, requires_grad=True))
+    assert out.shape == (0, 16) and moe.aux_loss.item() == 0 and moe.z_loss.item() == 0
+    (out.sum() + moe.aux_loss + moe.z_loss).backward()
+    assert torch.equal(moe.router.weight.grad, torch.zeros_like(moe.router.weight))
+
+
 def test_sigmoid_router_bias_balances_load():
     torch.manual_seed(0)
     router = gnn.SigmoidTopKRouter(16, 8, 2, bias_update_rate=0.002)
