@@ -2,19 +2,24 @@
 
     torchrun --nproc-per-node 2 examples/train_expert_parallel.py                  # 2 EP ranks, gloo, CPU
     torchrun --nproc-per-node 4 examples/train_expert_parallel.py --dp 2 --save ckpt   # 2 EP x 2 DP
-    torchrun --nproc-per-node 4 examples/train_expert_parallel.py --dp 2 --resume ckpt --save ckpt
+    torchrun --nproc-per-node 4 examples/train_expert_parallel.py --resume ckpt --save ckpt2   # on 4 EP ranks
+    torchrun --nproc-per-node 2 examples/train_expert_parallel.py --bf16                          # bf16 compute
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         examples/train_expert_parallel.py --dp 2 --backend nccl --device cuda           # several nodes
 
 The ranks form a ("dp", "ep") DeviceMesh: experts are DTensor shards over "ep" (replicated over
 "dp"), the dense weights are FSDP2-sharded over the same mesh (grouter.parallel.fully_shard_dense).
+The model is built on the meta device (no memory, no initialisation), sharded, then materialised
+with `to_empty` and initialised shard by shard; `--bf16` computes in bf16 from fp32 parameters
+(an FSDP2 MixedPrecisionPolicy, experts included; gradients reduced in fp32).
 Every rank draws the same global batch of byte sequences (the demo corpus) and routes all of it with
 the same frozen Grouter, so each rank knows every rank's routes: the all-to-all split sizes come
 without a count exchange. Experts are placed on ranks by the Grouter's co-activation affinity (the
 Grouter relabelled so each rank's experts are consecutive: checkpoints list experts in order), each
 data-parallel replica takes its share of the batch, and inside it each sequence goes to the rank
 hosting most of its routes. Checkpoints are torch.distributed.checkpoint folders (model, optimizer,
-step): they load on any number of ranks.
+step, and the experts' numbering): they resume on any number of ranks, the Grouter renumbered as the
+checkpoint's experts are (grouter.parallel.renumber_experts), whatever placement this size would pick.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -29,13 +35,16 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from grouter import Grouter, affinity
 from grouter.demo.corpus import VOCAB, Corpus, load_corpus
 from grouter.demo.lm import MoELM
 from grouter.parallel import (ExpertParallelMoE, assign_samples, comm_stats, contiguous_placement,
                               contiguous_sample_ranks, cross_rank_fraction, fully_shard_dense, global_mean,
-                              place_experts, relabel_experts, reset_comm_stats, routes_by_rank)
+                              place_experts, relabel_experts, renumber_experts, reset_comm_stats,
+                              routes_by_rank)
 
 
 def parse_args(argv=None):
@@ -58,13 +67,38 @@ def parse_args(argv=None):
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (the ranks are dp x ep)")
     p.add_argument("--save", help="write a DCP checkpoint (model, optimizer, step) here at the end")
     p.add_argument("--resume", help="continue from this DCP checkpoint (--steps more steps)")
+    p.add_argument("--bf16", action="store_true", help="compute in bf16 (fp32 parameters and gradient reductions)")
     return p.parse_args(argv)
 
 
-def checkpoint_state(model, opt, step: int) -> dict:
-    """What a checkpoint holds: model and optimizer (DTensor shards: DCP saves each once), step."""
+def checkpoint_state(model, opt, step: int, expert_order) -> dict:
+    """What a checkpoint holds: model and optimizer (DTensor shards: DCP saves each once), step, and
+    the numbering of the experts (each layer's state records it too, and refuses another)."""
     model_state, optim_state = get_state_dict(model, opt)
-    return {"model": model_state, "optim": optim_state, "step": torch.tensor(step)}
+    return {"model": model_state, "optim": optim_state, "step": torch.tensor(step), "expert_order": expert_order}
+
+
+def checkpoint_expert_order(path: str, num_experts: int) -> torch.Tensor:
+    order = torch.empty(num_experts, dtype=torch.long)
+    dcp.load({"expert_order": order}, checkpoint_id=path)  # only this entry is read
+    return order
+
+
+@torch.no_grad()
+def init_weights(model, seed: int) -> None:
+    """Initialise a materialised (to_empty) model shard by shard: each parameter's values depend
+    only on its name and the seed, so every layout (dp x ep) starts from the same model."""
+    for name, p in model.named_parameters():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if p.dim() == 1:  # RMSNorm scales
+            full = torch.ones(p.shape)
+        elif name.endswith("embed.weight"):
+            full = torch.randn(p.shape, generator=g) * 0.02
+        else:  # nn.Linear's range, fan-in = the last dimension (the experts' too)
+            bound = p.shape[-1] ** -0.5
+            full = torch.empty(p.shape).uniform_(-bound, bound, generator=g)
+        full = full.to(device=p.device, dtype=p.dtype)
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
 def main(argv=None) -> float:
@@ -95,18 +129,24 @@ def main(argv=None) -> float:
     g = g.to(device).eval().requires_grad_(False)
     E = g.num_experts
     placement = contiguous_placement(E, ep)
-    if args.placement == "affinity":
+    if args.resume:  # the checkpoint's experts, whatever this size's affinity placement would be
+        g = renumber_experts(g, checkpoint_expert_order(args.resume, E))
+    elif args.placement == "affinity":
         batches = [next(corpus.train_batches(10_000 + i, 16, args.seq)) for i in range(4)]
         g, placement = relabel_experts(g, place_experts(affinity(g, batches), ep))
 
-    model = MoELM(args.d_model, args.layers, 4, E, g.top_k, args.d_model, args.seed).to(device)
-    for block in model.blocks:
-        block.moe = ExpertParallelMoE(block.moe, placement=placement, mesh=mesh)
-    fully_shard_dense(model, blocks=model.blocks)  # each block an FSDP unit, then the root
+    with torch.device("meta"):  # no memory and no initialisation until the model is sharded
+        model = MoELM(args.d_model, args.layers, 4, E, g.top_k, args.d_model, args.seed)
+        for block in model.blocks:
+            block.moe = ExpertParallelMoE(block.moe, placement=placement, mesh=mesh, expert_order=g.expert_order)
+    policy = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    fully_shard_dense(model, blocks=model.blocks, mp_policy=policy)  # each block an FSDP unit, then the root
+    model.to_empty(device=device)
+    init_weights(model, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = 0
     if args.resume:
-        state = checkpoint_state(model, opt, 0)
+        state = checkpoint_state(model, opt, 0, g.expert_order)
         dcp.load(state, checkpoint_id=args.resume)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = int(state["step"])
@@ -131,7 +171,7 @@ def main(argv=None) -> float:
         routing = model.blocks[0].moe.prepare(ids[mine], w[mine], global_expert_ids=every)  # once for all layers
         x = batch[mine]
         logits = model(x, routing)
-        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
+        loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
         loss = global_mean(loss_sum, x.shape[0] * (args.seq - 1))  # this rank's share of the global mean
         opt.zero_grad(set_to_none=True)
         loss.backward()  # gradients summed over ranks: FSDP2 for dense weights, EP for experts
@@ -148,7 +188,7 @@ def main(argv=None) -> float:
                 f"sent {s.bytes_sent / 2**20:.2f} MiB/step from rank 0, count exchanges {s.count_exchanges}, "
                 f"pairs crossing ranks {crossing:.1%}")
     if args.save:
-        dcp.save(checkpoint_state(model, opt, step), checkpoint_id=args.save)
+        dcp.save(checkpoint_state(model, opt, step, g.expert_order), checkpoint_id=args.save)
         log(f"saved step {step} to {args.save}")
     dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts at exit)
     dist.destroy_process_group()

@@ -11,9 +11,14 @@
 
 Both take tokens [T, H] and return (expert_ids [T, K] int64, weights [T, K]).
 
-Data parallelism: the softmax router's aux loss balances this rank's tokens by default; with
-`aux_loss_group` set (a process group, or "world") its expert counts are summed over that group
-first, the global-batch balance loss (each rank's probabilities, the global batch's loads).
+Data or expert parallelism: the softmax router's aux loss balances this rank's tokens by default
+(one process: the batch). With `aux_loss_group` set (a process group, "world", or a DeviceMesh:
+all its ranks; an ExpertParallelMoE sets its own mesh) the group's ranks together hold the global
+batch, and `aux_loss` and `z_loss` are this rank's *shares* of the global batch's terms: they sum
+over the ranks to what one process computes on the whole batch, so `global_mean(loss_sum, n) +
+coef * aux_loss + coef_z * z_loss`, with gradients summed over the ranks (FSDP2 with sum
+reduction, as `fully_shard_dense` sets it), is the one-process gradient. A rank without tokens
+contributes 0.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 
 __all__ = ["SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "update_router_biases"]
@@ -36,9 +42,14 @@ def _expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def _summed(counts: Tensor, group: Any) -> Tensor:
-    """counts summed, in place, over a process group ("world" = the default group; None = this
-    rank's own). Callers pass counts they own and discard."""
-    if group is not None and dist.is_initialized():
+    """counts summed, in place, over a process group ("world" = the default group; a DeviceMesh =
+    all its ranks; None = this rank's own). Callers pass counts they own and discard."""
+    if group is None or not dist.is_initialized():
+        return counts
+    if isinstance(group, DeviceMesh):
+        for dim in range(group.ndim):  # summed along each dimension in turn: over the whole mesh
+            dist.all_reduce(counts, group=group.get_group(dim))
+    else:
         dist.all_reduce(counts, group=None if group == "world" else group)
     return counts
 
@@ -47,21 +58,46 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int, gro
     """Switch/GShard auxiliary loss E * sum_i f_i * P_i (1 when perfectly balanced).
 
     f_i: fraction of the T*K routed slots that went to expert i; P_i: mean router probability of i.
-    With `group` the slots are counted over the whole group's batch (global-batch balancing); P_i
-    stays this rank's (its gradient is local).
+    With `group` (see the module's notes) both are the global batch's and the value is this
+    rank's share, E * sum_i f_i * (its tokens' summed probabilities of i) / global tokens.
     """
-    counts = _summed(_expert_counts(expert_ids, num_experts), group).to(probs.dtype)
-    f = counts / counts.sum().clamp(min=1)
-    if probs.shape[0] == 0:  # a rank without tokens: no term, not the NaN of an empty mean
-        return probs.sum() * 0
-    return num_experts * (f * probs.mean(0)).sum()
+    return _balance_and_z(probs, None, expert_ids, num_experts, group)[0]
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small (0 without tokens)."""
-    if logits.shape[0] == 0:
-        return logits.sum() * 0
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def router_z_loss(logits: Tensor, expert_ids: Optional[Tensor] = None, group: Any = None) -> Tensor:
+    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small (0 without tokens).
+    With `group` (and the tokens' expert_ids, which count the global tokens) this rank's share of
+    the global batch's mean."""
+    if group is not None and expert_ids is None:
+        raise ValueError("router_z_loss with a group needs the tokens' expert_ids (they count the global tokens)")
+    ids = expert_ids if expert_ids is not None else logits.new_zeros((logits.shape[0], 1), dtype=torch.long)
+    return _balance_and_z(None, logits, ids, logits.shape[-1], group)[1]
+
+
+def _balance_and_z(probs: Optional[Tensor], logits: Optional[Tensor], expert_ids: Tensor, num_experts: int,
+                   group: Any) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(aux, z) from one count of the slots per expert (one all-reduce with a group)."""
+    ids = expert_ids.reshape(-1, expert_ids.shape[-1])
+    counts = _summed(_expert_counts(ids, num_experts), group)
+    T = ids.shape[0]
+    aux = z = None
+    if group is None:  # this batch alone: the means (0 without tokens, not an empty mean's NaN)
+        if probs is not None:
+            f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
+            aux = num_experts * (f * probs.mean(0)).sum() if T else probs.sum() * 0
+        if logits is not None:
+            z = torch.logsumexp(logits, dim=-1).square().mean() if T else logits.sum() * 0
+        return aux, z
+    # Every token has K distinct experts: the global token count is the slots' sum / K. Sums over
+    # this rank's tokens divided by global counts: its share, 0 for a rank without tokens.
+    slots = counts.sum().double()
+    tokens = (slots / max(ids.shape[1], 1)).clamp(min=1)
+    if probs is not None:
+        f = (counts.double() / slots.clamp(min=1)).to(probs.dtype)
+        aux = num_experts * (f * probs.sum(0)).sum() / tokens.to(probs.dtype)
+    if logits is not None:
+        z = torch.logsumexp(logits, dim=-1).square().sum() / tokens.to(logits.dtype)
+    return aux, z
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -93,8 +129,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.last_ids = ids
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        self.aux_loss = load_balancing_loss(probs, ids, self.num_experts, self.aux_loss_group)
-        self.z_loss = router_z_loss(logits)
+        self.aux_loss, self.z_loss = _balance_and_z(probs, logits, ids, self.num_experts, self.aux_loss_group)
         return ids, weights.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -42,7 +42,9 @@ def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, block
     ExpertParallelMoE layers use: a 1-D expert-parallel mesh shards the dense weights over the
     same ranks; a ("dp", "ep") mesh shards them over "ep" and replicates over "dp" (HSDP). Each of
     `blocks` (e.g. the transformer blocks) becomes its own FSDP unit first, then the root. Gradients
-    are summed, not averaged (see `global_mean`). Returns the model (now an FSDPModule).
+    are summed, not averaged (see `global_mean`). `mp_policy` (a MixedPrecisionPolicy) applies to
+    the experts too: they compute in its param_dtype from their fp32 parameters, and their
+    gradients are summed over "dp" in its reduce_dtype. Returns the model (now an FSDPModule).
 
     `fully_shard(model)` itself cannot work on such a model: FSDP2 would try to shard the experts,
     already DTensors on this mesh, again (it raises)."""
@@ -54,6 +56,13 @@ def fully_shard_dense(model: nn.Module, mesh: Optional[DeviceMesh] = None, block
     mesh = layers[0].mesh if mesh is None else mesh
     if any(layer.mesh != mesh for layer in layers):
         raise ValueError("fully_shard_dense: every ExpertParallelMoE must use the mesh given (the same DeviceMesh)")
+    if any(not layer.in_rank_order for layer in layers):
+        raise ValueError(f"fully_shard_dense: the mesh {mesh.mesh.tolist()} lists ranks out of order; FSDP2 shards "
+                         f"by rank in the process group while torch.distributed.checkpoint places shards by mesh "
+                         f"coordinate, so its checkpoints would hold the dense weights at the wrong offsets (torch "
+                         f"2.13). Build the mesh in rank order (init_device_mesh)")
+    for layer in layers:
+        layer.mixed_precision = fsdp_kwargs.get("mp_policy")
     experts = {p for layer in layers for p in layer.experts.parameters()} | set(fsdp_kwargs.pop("ignored_params", ()))
     units = [*blocks, model]
     for unit in units:

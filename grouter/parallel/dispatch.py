@@ -230,10 +230,12 @@ def _receive_plan(recv_counts: Tensor, device) -> Optional[ops.RoutingPlan]:
 
 
 def same_on_all_ranks(t: Tensor, device, group) -> bool:
-    """Whether every rank of the group holds the same integer tensor t (same shape on all ranks)."""
+    """Whether every rank of the group holds the same integer tensor t (same shape on all ranks).
+    group: a process group, or a tuple of groups (e.g. a mesh's dimensions: all their ranks)."""
     flat = t.flatten().long()
     both = torch.cat([flat, -flat]).to(device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min] of each entry
+    for g in group if isinstance(group, tuple) else (group,):
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)  # [max, -min] of each entry
     return torch.equal(both[:flat.numel()], -both[flat.numel():])
 
 

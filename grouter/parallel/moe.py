@@ -12,8 +12,12 @@ rank's output equals what the single-process MoE returns for that rank's tokens.
 Gradients follow one convention: each rank's loss is its share of the global batch's mean (its
 tokens' summed loss divided by the global token count, `global_mean`), and every gradient is the
 sum over ranks. An expert's gradient sums over the expert-parallel ranks' tokens through the
-all-to-all and, with a data-parallel mesh dimension, is all-reduced (summed) over it in backward;
-the dense parts (router included) are left to `fully_shard_dense` (FSDP2, summing) or the user.
+all-to-all and, with a data-parallel mesh dimension, over the replicas in the backward of the
+forward's own read of the weights: part of the computation, not a hook on Parameter objects, so
+`to()`, `to_empty()`, `load_state_dict(assign=True)`, parametrizations and re-initialisation keep
+it. A learned router's aux and z losses are its rank's shares of the global batch's terms (its
+`aux_loss_group` is the layer's mesh). The dense parts are left to `fully_shard_dense` (FSDP2,
+summing) or the user.
 """
 
 from __future__ import annotations
@@ -47,11 +51,24 @@ class ExpertParallelMoE(nn.Module):
     """
 
     def __init__(self, moe: MoE, group=None, placement: Optional[PlacementLike] = None, *,
-                 mesh: Optional[DeviceMesh] = None):
+                 mesh: Optional[DeviceMesh] = None, expert_order: Optional[Sequence[int]] = None):
         """mesh: a 1-D DeviceMesh of the expert-parallel ranks, or a 2-D one with dims named
         ("dp", "ep") (experts sharded over "ep", replicated over "dp"); or `group` (a process group,
-        default: the world) for a 1-D mesh made from it."""
+        default: the world) for a 1-D mesh made from it. The mesh must span every rank: the global
+        batch (`global_mean`, the routers' loss terms) is the whole world's.
+
+        placement: row r lists the experts of the rank at mesh coordinate r along "ep".
+        expert_order: the experts' numbering, as `Grouter.expert_order` records it (None: as
+        distilled, 0..E-1); saved in `state_dict()` and checked when one is loaded, so a model
+        trained on one numbering is never paired silently with routes of another."""
         super().__init__()
+        with torch.device("cpu"):  # bookkeeping on the host, also inside `with torch.device("meta")`
+            self._setup(moe, group, placement, mesh, expert_order)
+        self._register_state_dict_hook(_state_dict_extras)
+        self._register_load_state_dict_pre_hook(self._shard_full_tensors, with_module=False)
+
+    def _setup(self, moe: MoE, group, placement: Optional[PlacementLike], mesh: Optional[DeviceMesh],
+               expert_order: Optional[Sequence[int]]) -> None:
         device = moe.experts.gate_up_proj.device
         if mesh is not None and group is not None:
             raise ValueError("pass either a DeviceMesh (mesh=) or a process group (group=), not both")
@@ -62,30 +79,40 @@ class ExpertParallelMoE(nn.Module):
             mesh = DeviceMesh.from_group(group_or_world, mesh_type)
         self.mesh, self.ep_dim, self.dp_group = _split_mesh(mesh)
         group = mesh.get_group(self.ep_dim)
-        rank, world = group_info(group)
+        group_rank, world = group_info(group)
         E = moe.num_experts
-        self.group, self.rank, self.world_size = group, rank, world
+        self.group, self.world_size = group, world
+        # The rank's place along "ep" is its mesh coordinate (what DTensor and DCP use), which
+        # may differ from its rank in the process group when the mesh lists ranks out of order.
+        self.rank = mesh.get_coordinate()[self.ep_dim]
+        self._group_rank = group_rank
         self.hidden_size, self.num_experts, self.top_k = moe.hidden_size, E, moe.top_k
         problem = None
         try:
             placement = check_placement(contiguous_placement(E, world) if placement is None else placement, E, world)
+            self.expert_order = _check_order(expert_order, E)
         except ValueError as e:
             problem = str(e)
-        if world > 1:  # once per layer, and every rank agrees before any raises: none is left waiting
+        every = tuple(self.mesh.get_group(d) for d in range(self.mesh.ndim))  # the whole mesh, "dp" too
+        if self.mesh.size() > 1:  # once per layer, and every rank agrees before any raises: none is left waiting
             device = _collective_device(group)
             shape = torch.tensor([E, moe.top_k, moe.hidden_size, moe.experts.intermediate_size, problem is not None])
-            agreed = same_on_all_ranks(shape, device, group)
+            agreed = same_on_all_ranks(shape, device, every)
             if problem is not None:
                 raise ValueError(problem)
             if not agreed:
                 raise ValueError("the ranks wrap MoE layers of different sizes (num_experts, top_k, hidden or "
-                                 "intermediate size), or another rank's placement is invalid")
-            if not same_on_all_ranks(placement, device, group):
-                raise ValueError("the ranks pass different placements: every rank must use the same one")
+                                 "intermediate size), or another rank's placement or expert_order is invalid")
+            if not same_on_all_ranks(torch.cat([placement.flatten(), self.expert_order]), device, every):
+                raise ValueError("the ranks pass different placements or expert orders: every rank must use the same")
         elif problem is not None:
             raise ValueError(problem)
         self.placement = placement
-        self.local_experts: List[int] = self.placement[rank].tolist()
+        self.local_experts: List[int] = self.placement[self.rank].tolist()
+        # The collectives index ranks by their rank in the group: the placement in that order.
+        self._coords = _coordinates_by_group_rank(mesh, self.ep_dim, group)
+        self._dispatch_placement = placement[self._coords]
+        self.in_rank_order = bool(torch.equal(self._coords, torch.arange(world)))
         src = moe.experts
         # Built on the meta device (no initialisation, no draw from the global RNG), then given
         # this rank's slices of the MoE's weights, as shards of the full [E, ...] tensors.
@@ -98,25 +125,37 @@ class ExpertParallelMoE(nn.Module):
             local = self._local_rows(full.detach())
             param = nn.Parameter(DTensor.from_local(local, self.mesh, self._placements, run_check=False),
                                  requires_grad=full.requires_grad)
-            if self.dp_group is not None and param.requires_grad:
-                param.register_hook(self._sum_over_dp)
             setattr(self.experts, name, param)
+        self.mixed_precision = None  # an FSDP2 MixedPrecisionPolicy (fully_shard_dense sets it)
         self.router = moe.router  # replicated on every rank
-        self._register_state_dict_hook(_check_state_dict_order)
-        self._register_load_state_dict_pre_hook(self._shard_full_tensors, with_module=False)
+        if self.router is not None and hasattr(self.router, "aux_loss_group"):
+            self.router.aux_loss_group = self.mesh  # its loss terms: shares of the global batch's
 
     def _local_rows(self, full: Tensor) -> Tensor:
         return full.index_select(0, torch.tensor(self.local_experts, device=full.device))
 
-    def _sum_over_dp(self, grad: Tensor) -> Tensor:
-        """An expert's gradient from this data-parallel replica's tokens, summed over the replicas."""
-        local = grad.to_local().clone()
-        dist.all_reduce(local, group=self.dp_group)
-        count_comm(dp_grad_bytes=local.numel() * local.element_size())
-        return DTensor.from_local(local, self.mesh, self._placements, run_check=False)
+    def _expert_weights(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """This rank's expert weights as the expert MLP computes with them. Read from the current
+        parameters at every forward; their gradient is summed over "dp" in this read's backward."""
+        mp = self.mixed_precision
+        compute = getattr(mp, "param_dtype", None) or self.experts.gate_up_proj.dtype
+        reduce = getattr(mp, "reduce_dtype", None) or compute
+        out = []
+        for p in (self.experts.gate_up_proj, self.experts.down_proj):
+            w = p.to_local() if isinstance(p, DTensor) else p
+            if self.dp_group is not None and w.requires_grad:
+                w = _SumOverGroup.apply(w.to(reduce), self.dp_group)
+            out.append(w.to(compute))
+        return out[0], out[1]
 
     def _shard_full_tensors(self, state_dict, prefix, *args) -> None:
-        """Plain full [E, ...] expert tensors (a single-process MoE's state_dict) load as this rank's shards."""
+        """Plain full [E, ...] expert tensors (a single-process MoE's state_dict) load as this rank's
+        shards; a recorded expert numbering must be this layer's."""
+        order = state_dict.pop(prefix + "expert_order", None)
+        if order is not None and not torch.equal(torch.as_tensor(order).cpu().long(), self.expert_order):
+            raise ValueError(f"this state_dict's experts are numbered {_short(order)} (expert_order), this layer's "
+                             f"{_short(self.expert_order)}: build the layers with the checkpoint's numbering (route "
+                             f"with grouter.parallel.renumber_experts(grouter, checkpoint_order))")
         for name in ("gate_up_proj", "down_proj"):
             key = f"{prefix}experts.{name}"
             value = state_dict.get(key)
@@ -129,7 +168,10 @@ class ExpertParallelMoE(nn.Module):
     def prepare(self, expert_ids: Tensor, weights: Tensor, global_expert_ids: Optional[Sequence[Tensor]] = None,
                 check: Optional[bool] = None) -> ParallelRouting:
         """Plan a routing once per step for every layer sharing it (see ParallelRouting.prepare)."""
-        return ParallelRouting.prepare(expert_ids, weights, self.placement, self.num_experts, self.group,
+        if global_expert_ids is not None:  # given in mesh order along "ep"; the collectives use group order
+            if len(global_expert_ids) == self.world_size:
+                global_expert_ids = [global_expert_ids[c] for c in self._coords.tolist()]
+        return ParallelRouting.prepare(expert_ids, weights, self._dispatch_placement, self.num_experts, self.group,
                                        global_expert_ids, check)
 
     def forward(self, x: Tensor, routing: Optional[ParallelRoutingLike] = None) -> Tensor:
@@ -141,9 +183,8 @@ class ExpertParallelMoE(nn.Module):
         send = ops.permute(tokens, r.plan)  # grouped by destination rank, then expert
         recv = all_to_all(send, r.send_splits, r.recv_splits, self.group)
         rows = recv if r.recv_plan is None else ops.permute(recv, r.recv_plan)
-        experts = self.experts
-        out = expert_mlp(rows, r.local_offsets, experts.gate_up_proj.to_local(), experts.down_proj.to_local(),
-                         experts.activation)
+        gate_up, down = self._expert_weights(rows.dtype)
+        out = expert_mlp(rows, r.local_offsets, gate_up, down, self.experts.activation)
         back = out if r.recv_plan is None else ops.unpermute(out, r.recv_plan)
         ret = all_to_all(back, r.recv_splits, r.send_splits, self.group)
         return ops.unpermute(ret, r.plan, r.weights).reshape(x.shape)
@@ -156,7 +197,7 @@ class ExpertParallelMoE(nn.Module):
         if isinstance(routing, Routing):
             routing = (routing.expert_ids, routing.weights)
         if isinstance(routing, ParallelRouting):
-            if not torch.equal(routing.placement, self.placement) or routing.rank != self.rank:
+            if not torch.equal(routing.placement, self._dispatch_placement) or routing.rank != self._group_rank:
                 raise ValueError("this ParallelRouting was prepared for another placement or rank")
         elif isinstance(routing, (tuple, list)) and len(routing) == 2:
             routing = self.prepare(*routing)
@@ -168,7 +209,12 @@ class ExpertParallelMoE(nn.Module):
 
     @property
     def aux_loss(self) -> Optional[Tensor]:
+        """The learned router's load-balancing loss of the last forward: this rank's share."""
         return getattr(self.router, "aux_loss", None)
+
+    @property
+    def z_loss(self) -> Optional[Tensor]:
+        return getattr(self.router, "z_loss", None)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}/{self.world_size}, "
@@ -184,6 +230,12 @@ def _collective_device(group) -> torch.device:
 
 def _split_mesh(mesh: DeviceMesh) -> Tuple[DeviceMesh, int, Optional[dist.ProcessGroup]]:
     """(mesh, its expert-parallel dim, the data-parallel group or None)."""
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"this rank ({dist.get_rank()}) is not in the mesh {mesh.mesh.tolist()}")
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(f"ExpertParallelMoE's mesh spans {mesh.size()} of the {dist.get_world_size()} ranks "
+                         f"({mesh.mesh.tolist()}): the global batch is every rank's, and a rank outside the mesh "
+                         f"would get no gradient from it; on a ('dp', 'ep') world pass the 2-D mesh, not mesh['ep']")
     if mesh.ndim == 1:
         return mesh, 0, None
     names = mesh.mesh_dim_names or ()
@@ -193,11 +245,54 @@ def _split_mesh(mesh: DeviceMesh) -> Tuple[DeviceMesh, int, Optional[dist.Proces
     return mesh, names.index("ep"), mesh.get_group("dp")
 
 
-def _check_state_dict_order(module: "ExpertParallelMoE", state_dict, prefix, local_metadata) -> None:
+def _state_dict_extras(module: "ExpertParallelMoE", state_dict, prefix, local_metadata) -> None:
     # The experts are shards of a tensor in slot order; only for the contiguous placement is that
     # the model's expert order. Another order in a checkpoint would load as the wrong experts.
     if not module.contiguous:
         raise ValueError(_OUT_OF_ORDER.format("state_dict"))
+    state_dict[prefix + "expert_order"] = module.expert_order.clone()  # which numbering the rows are in
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over a process group (the data-parallel replicas)."""
+
+    @staticmethod
+    def forward(ctx, w, group):
+        ctx.group = group
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        count_comm(dp_grad_bytes=grad.numel() * grad.element_size())
+        return grad, None
+
+
+def _coordinates_by_group_rank(mesh: DeviceMesh, dim: int, group) -> Tensor:
+    """LongTensor [W]: the mesh coordinate along `dim` of each rank of `group`, by group rank."""
+    me = dist.get_rank()
+    along = mesh.mesh.movedim(dim, -1).reshape(-1, mesh.size(dim))
+    row = next(r for r in along.tolist() if me in r)  # this rank's line of the mesh along `dim`
+    coords = torch.empty(len(row), dtype=torch.long)
+    for c, global_rank in enumerate(row):
+        coords[dist.get_group_rank(group, global_rank)] = c
+    return coords
+
+
+def _check_order(order: Optional[Sequence[int]], E: int) -> Tensor:
+    if order is None:
+        return torch.arange(E)
+    t = torch.as_tensor(order)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.shape != (E,) or \
+            not torch.equal(t.long().sort().values, torch.arange(E)):
+        raise ValueError(f"expert_order must be a permutation of 0..{E - 1}, got {_short(t)}")
+    return t.long().cpu()
+
+
+def _short(t) -> str:
+    values = torch.as_tensor(t).flatten().tolist()
+    return str(values) if len(values) <= 16 else f"[{', '.join(map(str, values[:16]))}, ... ({len(values)} ids)]"
 
 
 _OUT_OF_ORDER = ("{} of an ExpertParallelMoE with a non-contiguous placement would list its experts out of "

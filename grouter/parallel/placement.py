@@ -22,6 +22,7 @@ from torch import Tensor
 from ..nn.grouping import fold_groups
 
 __all__ = ["contiguous_placement", "check_placement", "slots", "place_experts", "assign_samples",
+           "relabel_experts", "renumber_experts",
            "contiguous_sample_ranks", "routes_by_rank", "pairs_per_rank", "cross_rank_fraction"]
 
 PlacementLike = Union[Tensor, Sequence[Sequence[int]]]
@@ -42,7 +43,11 @@ def _check_divides(num_experts: int, world_size: int) -> None:
 def check_placement(placement: PlacementLike, num_experts: int, world_size: int) -> Tensor:
     """The placement as a LongTensor [W, E/W]; raises ValueError unless it hosts each expert once."""
     _check_divides(num_experts, world_size)
-    p = torch.as_tensor(placement)
+    try:
+        p = torch.as_tensor(placement)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"placement {placement!r} is not a table [world_size={world_size}, experts per rank="
+                         f"{num_experts // world_size}] of expert ids ({e})") from None
     if p.dtype.is_floating_point or p.dtype == torch.bool:
         raise ValueError(f"placement must hold integer expert ids, got {p.dtype}")
     if p.shape != (world_size, num_experts // world_size):
@@ -202,17 +207,38 @@ def relabel_experts(grouter, placement: PlacementLike):
     reordered; routes and weights are otherwise unchanged), so rank r's experts are consecutive.
     A new model trained on the relabelled Grouter with the contiguous placement exchanges exactly
     the rows it would have with `placement`, and its expert-parallel state_dict lists the experts in
-    its own order: what checkpoints (DCP) need. Do it before training: a model already trained
-    on the old ids would need its expert weights permuted too.
+    its own order: what checkpoints (DCP) need. The copy's `expert_order` records the numbering;
+    pass it to ExpertParallelMoE(expert_order=...), which saves it with the checkpoint. Do it
+    before training: a model already trained on the old ids would need its expert weights permuted
+    too. To resume elsewhere, `renumber_experts(grouter, checkpoint's expert_order)`.
     """
-    import copy
-
     E = grouter.num_experts
     world = torch.as_tensor(placement).shape[0]
     order = check_placement(placement, E, world).flatten()
+    return _reordered(grouter, order), contiguous_placement(E, world)
+
+
+def renumber_experts(grouter, expert_order: Sequence[int]):
+    """A copy of the Grouter whose `expert_order` is the one given: e.g. a checkpoint's, so that
+    training resumes on any number of ranks with the experts the checkpoint's rows belong to
+    (with the contiguous placement of that numbering)."""
+    E = grouter.num_experts
+    want = torch.as_tensor(expert_order).long().cpu()
+    if want.shape != (E,) or not torch.equal(want.sort().values, torch.arange(E)):
+        raise ValueError(f"expert_order must be a permutation of 0..{E - 1}, got shape {tuple(want.shape)}")
+    position = torch.empty(E, dtype=torch.long)
+    position[grouter.expert_order] = torch.arange(E)  # where each original expert is now
+    return _reordered(grouter, position[want])
+
+
+def _reordered(grouter, order: Tensor):
+    """A copy whose expert s is the Grouter's expert order[s]."""
+    import copy
+
     relabelled = copy.deepcopy(grouter)
     with torch.no_grad():
         relabelled.proj.weight.copy_(grouter.proj.weight[order.to(grouter.proj.weight.device)])
         if grouter.proj.bias is not None:
             relabelled.proj.bias.copy_(grouter.proj.bias[order.to(grouter.proj.bias.device)])
-    return relabelled, contiguous_placement(E, world)
+    relabelled.config["expert_order"] = grouter.expert_order[order].tolist()
+    return relabelled

@@ -67,7 +67,8 @@ def fold(g: Grouter, groups: Tensor, top_k: Optional[int] = None) -> Grouter:
         warnings.warn(f"fold: {n} experts are fewer than top_k={g.top_k}; the folded Grouter routes to {n} "
                       "(pass top_k to choose)", stacklevel=2)
     config = dict(g.config, num_experts=n, top_k=min(g.top_k, n) if top_k is None else top_k,
-                  source=f"fold of {g.config.get('source') or 'a Grouter'} ({g.num_experts} -> {n} experts)")
+                  source=f"fold of {g.config.get('source') or 'a Grouter'} ({g.num_experts} -> {n} experts)",
+                  expert_order=None)  # new experts: a numbering of their own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bidirectional warning was given for the source already
         folded = Grouter(**config).to(g.proj.weight.device)
@@ -108,7 +109,8 @@ def expand(g: Grouter, n: int, batches: Iterable[Tensor], noise: float = 1e-3, s
         weight = torch.cat([weight, row[None]])
         bias = torch.cat([bias, bias[i:i + 1]])
     config = dict(g.config, num_experts=n, bias=True,
-                  source=f"expansion of {g.config.get('source') or 'a Grouter'} ({E} -> {n} experts)")
+                  source=f"expansion of {g.config.get('source') or 'a Grouter'} ({E} -> {n} experts)",
+                  expert_order=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grown = Grouter(**config).to(weight.device)

@@ -17,7 +17,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,9 @@ class Grouter(nn.Module):
     def __init__(self, vocab_size: int, num_experts: int, top_k: int, d_model: int = 512, n_layers: int = 3,
                  n_heads: int = 8, causal: bool = True, d_ff: Optional[int] = None, bias: bool = False,
                  score: str = "softmax", scaling: float = 1.0, rope_base: float = 10000.0,
-                 source: Optional[str] = None):
+                 source: Optional[str] = None, expert_order: Optional[Sequence[int]] = None):
+        """expert_order: which expert of the Grouter as distilled (or folded) each expert is, when
+        they were renumbered (grouter.parallel.relabel_experts sets it); None: not renumbered."""
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -117,6 +119,11 @@ class Grouter(nn.Module):
             vocab_size=vocab_size, num_experts=num_experts, top_k=top_k, d_model=d_model, n_layers=n_layers,
             n_heads=n_heads, causal=causal, d_ff=d_ff, bias=bias, score=score, scaling=scaling,
             rope_base=rope_base, source=source)
+        if expert_order is not None:  # only when renumbered: other configs stay as they were
+            order = [int(i) for i in expert_order]
+            if sorted(order) != list(range(num_experts)):
+                raise ValueError(f"expert_order must be a permutation of 0..{num_experts - 1}")
+            self.config["expert_order"] = order
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, d_ff, causal, rope_base) for _ in range(n_layers))
         self.norm = nn.RMSNorm(d_model)
@@ -129,6 +136,13 @@ class Grouter(nn.Module):
                 nn.init.normal_(p, std=0.02 / (math.sqrt(2 * len(self.blocks)) if name.endswith(("out.weight", "down.weight")) else 1))
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+
+    @property
+    def expert_order(self) -> Tensor:
+        """LongTensor [E]: the id each expert had as distilled (or folded); 0..E-1 unless renumbered."""
+        order = self.config.get("expert_order")
+        n = self.config["num_experts"]
+        return torch.arange(n, device="cpu") if order is None else torch.tensor(order, device="cpu")
 
     # Constructor arguments, readable as attributes (g.num_experts, g.causal, ...).
     def __getattr__(self, name: str):

@@ -64,6 +64,16 @@ def main(out_dir: str, seed: int, names):
             result["state"], result["grads"] = cases.full_state(model), model.first_grads
             if name == "sigmoid":
                 result["bias"] = model.moe.router.expert_bias.clone()
+        elif name == "dp_softmax":  # data parallelism alone (FSDP2, summing), the router's terms as shares
+            from torch.distributed.fsdp import fully_shard
+
+            model = cases.build_case("softmax_aux", seed)
+            model.moe.router.aux_loss_group = "world"
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            model.set_gradient_divide_factor(1.0)
+            model.set_force_sum_reduction_for_comms(True)
+            result["history"] = cases.train_case(model, "softmax_aux", seed, world, rank, global_mean)
+            result["state"], result["grads"] = cases.full_state(model), model.first_grads
         elif name == "global_aux":
             from grouter.nn import SoftmaxTopKRouter
 
@@ -71,7 +81,7 @@ def main(out_dir: str, seed: int, names):
             router = SoftmaxTopKRouter(cases.H, cases.E, cases.K, aux_loss_group="world")
             x = cases.batch(seed, 0)[0][cases.rank_slice(world, rank)]
             router(x)
-            result["aux"] = router.aux_loss.detach()
+            result["aux"], result["z"] = router.aux_loss.detach(), router.z_loss.detach()
         elif name == "ddp_around_ep":
             model = cases.build(seed)
             model.moe = ExpertParallelMoE(model.moe, mesh=mesh)

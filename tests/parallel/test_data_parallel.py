@@ -26,8 +26,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     worker = str(HERE / "dp_worker.py")
     run_ranks(2, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_save", "dcp_load", "ddp_attached",
-                         "global_aux", "ddp_around_ep"])
-    run_ranks(4, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_load"])
+                         "global_aux", "ddp_around_ep", "dp_softmax"])
+    run_ranks(4, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_load", "dp_softmax"])
 
     def load(name, world):
         return [torch.load(out / f"{name}.{world}.{r}.pt", weights_only=False) for r in range(world)]
@@ -58,10 +58,25 @@ def test_training_equals_one_process(results, name, world):
         assert r["state"].keys() == want.keys()
         for key, value in want.items():
             torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-6, msg=key)
+    if name.startswith("softmax"):
+        assert all(torch.isfinite(torch.tensor(r["history"])).all() for r in ranks)  # a rank without tokens too
     if name == "sigmoid":
         assert model.moe.router.expert_bias.abs().sum() > 0  # the bias moved
         for r in ranks:  # from the load of the whole global batch, the same on every rank
             assert torch.equal(r["bias"], model.moe.router.expert_bias)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_alone_adds_the_router_terms_as_one_process(results, world):
+    # gnn.MoE under FSDP2 (sum) with aux_loss_group="world": aux and z are shares, so
+    # global_mean(...) + AUX * aux + Z * z, summed over ranks, is the one-process gradient.
+    model, history = one_process("softmax_aux")
+    want = cases.full_state(model)
+    for r in results("dp_softmax", world):
+        for key, grad in r["grads"].items():
+            torch.testing.assert_close(grad, model.first_grads[key], rtol=0, atol=1e-6, msg=key)
+        for key, value in want.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
 def test_dcp_checkpoint_loads_on_2_and_4_ranks_and_in_one_process(results):
@@ -104,18 +119,17 @@ def test_ddp_with_default_arguments_trains_an_attached_model(results):
     assert all(g.requires_grad for g in gates)
 
 
-def test_global_batch_aux_loss_counts_every_ranks_tokens(results):
+def test_router_loss_terms_with_a_group_are_shares_of_the_global_batch(results):
+    # aux_loss_group="world": each rank's aux and z losses are its shares; they sum to what one
+    # process computes on the whole global batch (the softmax_* training cases check gradients).
     from grouter.nn import SoftmaxTopKRouter
 
     torch.manual_seed(SEED)
     router = SoftmaxTopKRouter(cases.H, cases.E, cases.K)
-    x = cases.batch(SEED, 0)[0]
-    ids, _ = router(x)  # the whole global batch: its loads
-    f = torch.bincount(ids.reshape(-1), minlength=cases.E).float() / ids.numel()
-    probs = router.logits.softmax(-1).detach()
-    for rank, r in enumerate(results("global_aux", 2)):
-        mine = probs[cases.rank_slice(2, rank)].mean(0)  # each rank's own probabilities
-        torch.testing.assert_close(r["aux"], cases.E * (f * mine).sum())
+    router(cases.batch(SEED, 0)[0])
+    ranks = results("global_aux", 2)
+    torch.testing.assert_close(sum(r["aux"] for r in ranks), router.aux_loss.detach())
+    torch.testing.assert_close(sum(r["z"] for r in ranks), router.z_loss.detach())
 
 
 def test_ddp_around_expert_parallel_layers_raises_instead_of_overwriting_experts(results):

@@ -169,3 +169,44 @@ def test_mesh_and_group_are_exclusive_and_the_mesh_is_checked(group):
     flat = init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b"))
     with pytest.raises(ValueError, match="'dp', 'ep'"):
         ExpertParallelMoE(gnn.MoE(16, 8, 4, 2), mesh=flat)
+
+
+def test_the_experts_numbering_is_saved_and_another_is_refused(group):
+    from grouter import Grouter
+    from grouter.parallel import relabel_experts, renumber_experts
+
+    g = Grouter(50, 4, 2, d_model=16, n_layers=1, n_heads=2)
+    assert torch.equal(g.expert_order, torch.arange(4))
+    relabelled, placement = relabel_experts(g, [[2, 0, 3, 1]])
+    assert relabelled.expert_order.tolist() == [2, 0, 3, 1]
+    twice, _ = relabel_experts(relabelled, [[1, 0, 2, 3]])  # numberings compose
+    assert twice.expert_order.tolist() == [0, 2, 3, 1]
+    ids = torch.randint(0, 50, (3, 7))
+    # renumber_experts reaches any numbering from any other: the same routes, named by the order.
+    back = renumber_experts(twice, relabelled.expert_order)
+    assert torch.equal(back.expert_order, relabelled.expert_order)
+    assert torch.equal(back.route(ids)[0], relabelled.route(ids)[0])
+    assert torch.equal(renumber_experts(relabelled, torch.arange(4)).route(ids)[0], g.route(ids)[0])
+    moe = gnn.MoE(16, 8, 4, 2)
+    saving = ExpertParallelMoE(moe, placement=placement, expert_order=relabelled.expert_order)
+    state = saving.state_dict()
+    assert state["expert_order"].tolist() == [2, 0, 3, 1]
+    ExpertParallelMoE(moe, expert_order=[2, 0, 3, 1]).load_state_dict(state)  # the same numbering
+    with pytest.raises(ValueError, match=r"numbered \[2, 0, 3, 1\] \(expert_order\), this layer's \[0, 1, 2, 3\]"):
+        ExpertParallelMoE(moe).load_state_dict(state)
+    ExpertParallelMoE(moe, expert_order=[3, 2, 1, 0]).load_state_dict(moe.state_dict())  # plain: no record
+    with pytest.raises(ValueError, match="permutation of 0..3"):
+        ExpertParallelMoE(moe, expert_order=[0, 0, 1, 2])
+    with pytest.raises(ValueError, match="permutation of 0..3"):
+        renumber_experts(g, [0, 1, 2])
+
+
+def test_a_relabelled_grouter_saves_its_numbering_and_folding_starts_a_new_one(tmp_path):
+    from grouter import Grouter, fold
+    from grouter.parallel import relabel_experts
+
+    g, _ = relabel_experts(Grouter(50, 4, 2, d_model=16, n_layers=1, n_heads=2), [[3, 1], [0, 2]])
+    g.save(tmp_path / "g")
+    assert Grouter.load(tmp_path / "g").expert_order.tolist() == [3, 1, 0, 2]
+    folded = fold(g, torch.tensor([0, 0, 1, 1]))
+    assert folded.expert_order.tolist() == [0, 1] and "expert_order" not in folded.config
