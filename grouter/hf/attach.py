@@ -166,6 +166,15 @@ def _replay(att: Attachment, routes: _Routes, grad: Tensor) -> None:
     att.replay = routes
 
 
+def _global_num_experts(experts: nn.Module) -> int:
+    """The model's expert count. transformers' expert parallelism (DistributedConfig(ep_size=...))
+    sets `num_experts` to the rank's local count and shards the weights as DTensors of the global
+    shape: routes name global experts, which its dispatch maps to the ranks."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return int(experts.gate_up_proj.shape[0])
+    return experts.num_experts
+
+
 def _gate_forward(gate: nn.Module, hidden_states: Tensor, *args, **kwargs):
     # Reaches the attachment through the module, so a deep copy of the model routes by its own copy.
     return gate._grouter_attachment.gate_output(hidden_states)
@@ -200,7 +209,7 @@ def attach(model: nn.Module, grouter_model: Any) -> nn.Module:
     if not blocks:
         raise ValueError(f"grouter.hf.attach: {type(model).__name__} has no MoE blocks (modules with experts and a gate)")
     detach(model)
-    num_experts = {b.experts.num_experts for _, b, _ in blocks}
+    num_experts = {_global_num_experts(b.experts) for _, b, _ in blocks}
     if len(num_experts) != 1:
         raise ValueError(f"grouter.hf.attach: MoE blocks disagree on the number of experts: {sorted(num_experts)}")
     (E,) = num_experts

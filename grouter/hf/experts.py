@@ -43,7 +43,7 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     if reason is not None:
         from transformers.integrations.moe import grouped_mm_experts_forward
 
-        warnings.warn(f"grouter experts: {reason} are not supported; using transformers' grouped_mm", stacklevel=2)
+        warnings.warn(f"grouter experts: {reason} run on transformers' grouped_mm, not grouter's kernels", stacklevel=2)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     attachment = getattr(self, "_grouter_attachment", None)
     plan = attachment.plan_for(top_k_index) if attachment is not None else None

@@ -134,7 +134,7 @@ class ExpertParallelMoE(nn.Module):
     def _local_rows(self, full: Tensor) -> Tensor:
         return full.index_select(0, torch.tensor(self.local_experts, device=full.device))
 
-    def _expert_weights(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    def _expert_weights(self) -> Tuple[Tensor, Tensor]:
         """This rank's expert weights as the expert MLP computes with them. Read from the current
         parameters at every forward; their gradient is summed over "dp" in this read's backward."""
         mp = self.mixed_precision
@@ -183,7 +183,7 @@ class ExpertParallelMoE(nn.Module):
         send = ops.permute(tokens, r.plan)  # grouped by destination rank, then expert
         recv = all_to_all(send, r.send_splits, r.recv_splits, self.group)
         rows = recv if r.recv_plan is None else ops.permute(recv, r.recv_plan)
-        gate_up, down = self._expert_weights(rows.dtype)
+        gate_up, down = self._expert_weights()
         out = expert_mlp(rows, r.local_offsets, gate_up, down, self.experts.activation)
         back = out if r.recv_plan is None else ops.unpermute(out, r.recv_plan)
         ret = all_to_all(back, r.recv_splits, r.send_splits, self.group)

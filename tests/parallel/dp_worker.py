@@ -32,23 +32,47 @@ def expert_parallel(model, mesh, blocks=False):
     return fully_shard_dense(model, blocks=[model.inp, model.head] if blocks else ())
 
 
-def ddp_attached(seed, rank, world):
-    """Plain DDP, default arguments, around a transformers model routed by an attached Grouter."""
+def attached(seed):
+    """A Qwen3-MoE routed by an attached Grouter (the same on every rank and in the test)."""
     sys.path.insert(0, str(HERE.parent / "nn"))
     import grouter.hf
     from hf_models import small_grouter, tiny
 
     torch.manual_seed(seed)
-    model = grouter.hf.attach(tiny("qwen3_moe"), small_grouter())
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    return grouter.hf.attach(tiny("qwen3_moe"), small_grouter())
+
+
+def train_attached(model, seed, rank, world):
+    """2 SGD steps, each rank on its 2 sequences of the global batch (mean losses)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):
         ids = torch.randint(3, 101, (2 * world, 9), generator=torch.Generator().manual_seed(seed + step))
         mine = ids[2 * rank:2 * rank + 2]
         opt.zero_grad()
-        ddp(input_ids=mine, labels=mine).loss.backward()
+        model(input_ids=mine, labels=mine).loss.backward()
         opt.step()
+
+
+def ddp_attached(seed, rank, world):
+    """Plain DDP, default arguments, around a transformers model routed by an attached Grouter."""
+    model = attached(seed)
+    train_attached(torch.nn.parallel.DistributedDataParallel(model), seed, rank, world)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp_attached(seed, rank, world, bf16=False):
+    """FSDP2 as transformers users apply it (each decoder layer, then the root; mean reduction)
+    around a Qwen3-MoE routed by an attached Grouter; bf16: with a bf16 MixedPrecisionPolicy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = attached(seed)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    train_attached(model, seed, rank, world)
+    return cases.full_state(model)
 
 
 def main(out_dir: str, seed: int, names):
@@ -92,6 +116,8 @@ def main(out_dir: str, seed: int, names):
                 result["error"] = str(e)
         elif name == "ddp_attached":
             result["state"] = ddp_attached(seed, rank, world)
+        elif name in ("fsdp_attached", "fsdp_attached_bf16"):
+            result["state"] = fsdp_attached(seed, rank, world, bf16=name.endswith("bf16"))
         elif name == "dcp_save":
             model = expert_parallel(cases.build(seed), mesh)
             cases.train(model, "sgd", seed, world, rank, global_mean)

@@ -26,7 +26,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     worker = str(HERE / "dp_worker.py")
     run_ranks(2, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_save", "dcp_load", "ddp_attached",
-                         "global_aux", "ddp_around_ep", "dp_softmax"])
+                         "global_aux", "ddp_around_ep", "dp_softmax", "fsdp_attached", "fsdp_attached_bf16"])
     run_ranks(4, [worker, str(out), str(SEED), *TRAIN_CASES, "dcp_load", "dp_softmax"])
 
     def load(name, world):
@@ -93,30 +93,57 @@ def test_dcp_checkpoint_loads_on_2_and_4_ranks_and_in_one_process(results):
     assert all(torch.equal(t, saved[k]) for k, t in model.state_dict().items())
 
 
-def test_ddp_with_default_arguments_trains_an_attached_model(results):
-    # attach freezes the gates it bypasses: no "parameters that did not receive grad" error, and
-    # DDP's result is one process on the whole batch (equal batches per rank: means average right).
+def attached_one_process(bf16=False):
+    """The attached Qwen3-MoE trained in one process on both ranks' batches (the mean of their
+    mean losses: equal batches); bf16: computing as a bf16 MixedPrecisionPolicy does."""
     sys.path.insert(0, str(HERE.parent / "nn"))
     import grouter.hf
     from hf_models import small_grouter, tiny
 
     torch.manual_seed(SEED)
     model = grouter.hf.attach(tiny("qwen3_moe"), small_grouter())
-    gates = [getattr(block, attr).weight for _, block, attr in grouter.hf.moe_blocks(model)]
-    assert not any(g.requires_grad for g in gates)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(ids):
+        if not bf16:
+            return model(input_ids=ids, labels=ids).loss
+        params = {n: p.to(torch.bfloat16) for n, p in model.named_parameters()}
+        return torch.func.functional_call(model, params, (), dict(input_ids=ids, labels=ids)).loss
+
     for step in range(2):
         ids = torch.randint(3, 101, (4, 9), generator=torch.Generator().manual_seed(SEED + step))
         opt.zero_grad()
-        halves = [model(input_ids=ids[2 * r:2 * r + 2], labels=ids[2 * r:2 * r + 2]).loss for r in range(2)]
-        (sum(halves) / 2).backward()
+        (sum(loss(ids[2 * r:2 * r + 2]) for r in range(2)) / 2).backward()
         opt.step()
+    return model
+
+
+def test_ddp_with_default_arguments_trains_an_attached_model(results):
+    # attach freezes the gates it bypasses: no "parameters that did not receive grad" error, and
+    # DDP's result is one process on the whole batch (equal batches per rank: means average right).
+    import grouter.hf
+
+    model = attached_one_process()
+    gates = [getattr(block, attr).weight for _, block, attr in grouter.hf.moe_blocks(model)]
+    assert not any(g.requires_grad for g in gates)
     want = model.state_dict()
     for r in results("ddp_attached", 2):
         for key, value in want.items():
             torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-6, msg=key)
     grouter.hf.detach(model)
     assert all(g.requires_grad for g in gates)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fsdp2_per_decoder_layer_trains_an_attached_model(results, bf16):
+    # fully_shard on each decoder layer, then the root (FSDP2's default mean over equal batches):
+    # one process on the whole batch; with a bf16 policy, one process computing in bf16 from fp32
+    # weights (measured: bitwise equal; fp32 differs by 2e-4, so the policy is in effect).
+    want = attached_one_process(bf16).state_dict()
+    for r in results("fsdp_attached_bf16" if bf16 else "fsdp_attached", 2):
+        assert r["state"].keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=0, atol=1e-5 if bf16 else 1e-6, msg=key)
 
 
 def test_router_loss_terms_with_a_group_are_shares_of_the_global_batch(results):
