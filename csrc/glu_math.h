@@ -43,14 +43,17 @@ GROUTER_HD float mul_add(float a, float b, float c) {
 #endif
 }
 
-// exp(x) for x clamped to [-87.3, 88.37]: x = n ln2 + r, exp(r) by a degree-7 polynomial, 2^n
-// by building the float's exponent bits.
+// exp(x): x = n ln2 + r, exp(r) by a degree-7 polynomial, 2^n by building floats' exponent bits
+// (two factors, so n can span the whole normal range). Beyond the normal range exp over- or
+// underflows as fp32 does: +inf above 88.72, 0 below -87.34 (denormal results flushed). So
+// act(g) and its slope reach their limits for huge |g| instead of terms like g * exp(-|g|)
+// growing with |g|; NaN passes through.
 GROUTER_HD float exp_approx(float x) {
-  x = clampf(x, -87.3f, 88.37626f);
-  // n = round(x / ln2) by the 1.5 * 2^23 trick (no float->int branch, so the loop vectorises;
+  const float y = clampf(x, -87.33654f, 88.7f);
+  // n = round(y / ln2) by the 1.5 * 2^23 trick (no float->int branch, so the loop vectorises;
   // no fast-math keeps the subtraction).
-  const float n = mul_add(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
-  const float r = mul_add(n, 2.12194440e-4f, mul_add(n, -0.693359375f, x));
+  const float n = mul_add(y, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  const float r = mul_add(n, 2.12194440e-4f, mul_add(n, -0.693359375f, y));
   float p = 1.9875691500e-4f;
   p = mul_add(p, r, 1.3981999507e-3f);
   p = mul_add(p, r, 8.3334519073e-3f);
@@ -58,7 +61,10 @@ GROUTER_HD float exp_approx(float x) {
   p = mul_add(p, r, 1.6666665459e-1f);
   p = mul_add(p, r, 5.0000001201e-1f);
   p = mul_add(p * r, r, r) + 1.0f;
-  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t k = static_cast<int32_t>(n);
+  const int32_t half = k >> 1;  // 2^k = 2^half * 2^(k - half), each factor a normal float
+  const float e = p * bits_to_float((half + 127) << 23) * bits_to_float((k - half + 127) << 23);
+  return x > 88.72284f ? bits_to_float(0x7f800000) : (x < -87.33654f ? 0.0f : e);
 }
 
 GROUTER_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
@@ -115,8 +121,9 @@ GROUTER_HD void act_and_derivative(float g, float& value, float& slope) {
     slope = cdf + g * kInvSqrt2Pi * exp_approx(-0.5f * g * g);
   } else if constexpr (A == Act::gelu_tanh) {
     const float t = tanh_approx(kSqrt2OverPi * (g + kTanhCubic * g * g * g));
+    const float d = 1.0f - t * t;  // 0 once tanh saturates (|g| > ~6), before g * g can overflow
     value = 0.5f * g * (1.0f + t);
-    slope = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * g * g);
+    slope = 0.5f * (1.0f + t) + (d == 0.0f ? 0.0f : 0.5f * g * d * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * g * g));
   } else {
     value = g <= 0.0f ? 0.0f : g;
     slope = g <= 0.0f ? 0.0f : 1.0f;

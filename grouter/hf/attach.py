@@ -316,4 +316,10 @@ def set_routes(model: nn.Module, expert_ids: Tensor, weights: Tensor) -> None:
     if not weights.dtype.is_floating_point:
         raise ValueError(f"grouter.hf.set_routes: weights must be a floating-point tensor, got {weights.dtype}")
     ids, w = flatten_routing(expert_ids, weights)
+    # Gate weights are a distribution's mass: negative, NaN or infinite ones are a caller's bug
+    # that would otherwise mix expert outputs with it silently (one check, one host sync).
+    if w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
+        bad = w[~(torch.isfinite(w) & (w >= 0))]
+        raise ValueError(f"grouter.hf.set_routes: gate weights must be finite and non-negative, got "
+                         f"{bad.flatten()[:4].tolist()}{' ...' if bad.numel() > 4 else ''}")
     att.pending = (ids, w)

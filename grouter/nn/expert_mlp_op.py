@@ -188,11 +188,14 @@ torch.library.impl("grouter::expert_mlp_backward", "default", _expert_mlp_backwa
 
 @torch.library.register_fake("grouter::expert_mlp")
 def _(rows, expert_offsets, gate_up_proj, down_proj, activation):
+    # As every op's fake kernel: meta weights with real rows would return uninitialised memory.
+    ops._check_devices("expert_mlp", rows, expert_offsets, gate_up_proj, down_proj)
     return rows.new_empty(rows.shape[0], down_proj.shape[1]), rows.new_empty(rows.shape[0], gate_up_proj.shape[1])
 
 
 @torch.library.register_fake("grouter::expert_mlp_backward")
 def _(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation):
+    ops._check_devices("expert_mlp_backward", grad_out, rows, h, expert_offsets, gate_up_proj, down_proj)
     return torch.empty_like(rows), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 
 

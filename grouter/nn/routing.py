@@ -40,6 +40,17 @@ class Routing:
                              f"{tuple(self.expert_ids.shape)}")
         if not self.planned_here:
             _check_plan_matches(self.expert_ids, self.plan)
+        object.__setattr__(self, "_versions", _versions(self._tensors()))
+
+    def _tensors(self):
+        return (self.expert_ids, *self.plan)
+
+    def check_unchanged(self) -> None:
+        """Raise ValueError if the ids or the plan were changed in place since the Routing was made
+        (a plan edited in place would send rows through the wrong experts, silently)."""
+        if self._versions is not None and _versions(self._tensors()) != self._versions:
+            raise ValueError("this Routing's expert ids or plan were changed in place after it was prepared: "
+                             "prepare a new Routing (Routing.prepare) from the new routes")
 
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
@@ -57,6 +68,14 @@ class Routing:
 
 
 RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
+
+
+def _versions(tensors):
+    """The tensors' version counters (bumped by every in-place write); None where not tracked
+    (inference tensors) or while compiling."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None
+    return tuple(t._version for t in tensors)
 
 
 def _check_plan_matches(expert_ids: Tensor, plan: ops.RoutingPlan) -> None:
@@ -85,6 +104,7 @@ def as_routing(routing: RoutingLike, num_experts: int, num_tokens: int) -> Routi
     """Accept a prepared Routing or an (expert_ids, weights) pair; check it fits the layer."""
     if isinstance(routing, Routing):
         r = routing
+        r.check_unchanged()
     elif isinstance(routing, (tuple, list)) and len(routing) == 2:
         r = Routing.prepare(routing[0], routing[1], num_experts)
     else:

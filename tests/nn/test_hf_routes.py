@@ -52,6 +52,11 @@ def test_set_routes_checks_its_input():
         grouter.hf.set_routes(outside, w, w)
     with pytest.raises(RuntimeError, match="not attached"):
         grouter.hf.set_routes(tiny("olmoe"), r, w)
+    for bad in (-0.5, float("nan"), float("inf")):  # weights are mass: finite and non-negative
+        w_bad = w.clone()
+        w_bad[1, 3, 0] = bad
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            grouter.hf.set_routes(outside, r, w_bad)
     grouter.hf.set_routes(outside, r.reshape(-1, 2), w.reshape(-1, 2))  # [T, K] works too
     outside(inputs_embeds=torch.randn(2, 12, 32))  # and without input_ids
 

@@ -292,3 +292,19 @@ def test_inconsistent_plans_are_refused():
     with pytest.raises(ValueError, match="expert offsets must rise from 0 to the 40 rows"):
         moe.experts(rows, lowered)
     gnn.Routing(ids, w, plan)  # the right plan, built elsewhere, is accepted
+
+
+def test_a_prepared_routing_changed_in_place_is_refused():
+    # An edited plan (offsets still rising from 0 to T*K) would run a row through the wrong expert.
+    moe = gnn.MoE(8, 4, 4, 2)
+    x = torch.randn(5, 8)
+    ids = torch.rand(5, 4).topk(2, 1).indices
+    for tamper in (lambda r: r.plan.expert_offsets[1].add_(1), lambda r: r.expert_ids[0].copy_(r.expert_ids[1]),
+                   lambda r: r.plan.row_of.fill_(0)):
+        r = gnn.Routing.prepare(ids.clone(), torch.rand(5, 2), 4)
+        moe(x, routing=r)
+        tamper(r)
+        with pytest.raises(ValueError, match="changed in place"):
+            moe(x, routing=r)
+    with torch.inference_mode():  # inference tensors keep no version counter: nothing to compare
+        assert moe(x, routing=gnn.Routing.prepare(ids, torch.rand(5, 2), 4)).shape == (5, 8)

@@ -158,3 +158,22 @@ def test_bad_activation_and_backward_shapes_raise(device):
         torch.ops.grouter.expert_mlp_backward(out[:3], rows, h, offs, gate_up, down, "silu")
     with pytest.raises(ValueError, match="h"):
         torch.ops.grouter.expert_mlp_backward(out, rows, h[:, :4], offs, gate_up, down, "silu")
+
+
+@pytest.mark.parametrize("where", ["weights", "down_proj", "offsets", "rows"])
+def test_meta_and_real_inputs_mixed_raise(where):
+    # The fake kernel runs when any input is on the meta device; it must refuse mixed devices
+    # (else: uninitialised real memory returned), forward, backward and through nn.expert_mlp.
+    import grouter.nn as gnn
+
+    rows, off = torch.randn(6, 4), torch.tensor([0, 3, 6])
+    gu, dn = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
+    args = {"weights": (rows, off, gu.to("meta"), dn.to("meta")), "down_proj": (rows, off, gu, dn.to("meta")),
+            "offsets": (rows, off.to("meta"), gu, dn), "rows": (rows.to("meta"), off, gu, dn)}[where]
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.grouter.expert_mlp(*args, "silu")
+    with pytest.raises(ValueError, match="different devices"):
+        gnn.expert_mlp(*args, "silu")
+    r, o, g, d = args
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.grouter.expert_mlp_backward(r, r, torch.empty(6, 8, device=r.device), o, g, d, "silu")

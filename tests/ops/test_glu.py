@@ -59,6 +59,49 @@ def test_extreme_inputs_stay_finite_and_right(activation, device):
     assert_close_to(grad, grad_ref, torch.float32)
 
 
+def whole_range(dtype):
+    """Gates over the dtype's whole finite range, both signs: log-spaced magnitudes from the
+    smallest normal to the largest finite value, and 0."""
+    info = torch.finfo(dtype)
+    mags = torch.logspace(torch.tensor(info.tiny).log10().item(), torch.tensor(info.max).log10().item(), 997,
+                          dtype=torch.float64).clamp(max=info.max)
+    return torch.cat([-mags.flip(0), torch.zeros(1, dtype=torch.float64), mags, torch.tensor([info.max, -info.max])]).to(dtype)
+
+
+@pytest.mark.parametrize("activation", ops.GLU_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_limits_over_the_whole_float_range(activation, dtype, device):
+    # Up to +-FLT_MAX (and the half types' maxima): silu(-1e38) is 0, not -0.4156, and gelu's
+    # slope at 1e38 is 1, not 1.486 (exp underflows to 0 there instead of stopping at exp(-87.3)).
+    g = whole_range(dtype).to(device)
+    h = torch.stack([g, torch.ones_like(g)], -1).reshape(len(g), 2)
+    a, grad_h = torch.ops.grouter.glu_backward(torch.ones(len(g), 1, device=device, dtype=dtype), h, activation)
+    g64 = g.double().cpu().requires_grad_(True)
+    want = ref.glu(torch.stack([g64, torch.ones_like(g64)], -1), activation)
+    (slope,) = torch.autograd.grad(want.sum(), g64)
+    got_a, got_slope = a[:, 0].double().cpu(), grad_h[:, 0].double().cpu()
+    assert torch.isfinite(got_a).all() and torch.isfinite(got_slope).all()
+    eps = torch.finfo(dtype).eps
+    tol = 4e-6 if dtype == torch.float32 else 2 * eps
+    # Relative to the value (O(|g|) on the positive side) or absolute where it is O(1) or below.
+    torch.testing.assert_close(got_a, want.detach()[:, 0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got_slope, slope, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("activation", ops.GLU_ACTIVATIONS)
+def test_infinite_gates_give_what_torch_gives(activation, device):
+    # At +-inf the values are torch's (silu(-inf) and gelu(-inf) are NaN there, inf * 0; +inf
+    # stays inf). The slopes: silu and gelu NaN (as torch's backward), gelu_tanh its limits 0 and
+    # 1 (tanh saturates before g * g overflows), relu 0 and 1.
+    g = torch.tensor([float("-inf"), float("inf")], device=device)
+    h = torch.stack([g, torch.ones_like(g)], -1)
+    a, grad_h = torch.ops.grouter.glu_backward(torch.ones(2, 1, device=device), h, activation)
+    want = ref.glu(h.double().cpu(), activation)[:, 0]
+    torch.testing.assert_close(a[:, 0].double().cpu(), want, equal_nan=True)
+    slopes = {"silu": [float("nan")] * 2, "gelu": [float("nan")] * 2, "gelu_tanh": [0.0, 1.0], "relu": [0.0, 1.0]}
+    torch.testing.assert_close(grad_h[:, 0].cpu(), torch.tensor(slopes[activation]), equal_nan=True)
+
+
 def test_non_contiguous_input_and_thread_count_give_the_same_bits(device):
     h = random_h((512, 300), torch.float32, device).T  # [300, 512] strided view
     a = ops.glu(h, "silu")
