@@ -33,7 +33,7 @@ def build(args):
         max_position_embeddings=args.prompt + args.new + 8, pad_token_id=0)
     model = transformers.Qwen3MoeForCausalLM(config).eval()
     with torch.no_grad():
-        for _, block, attr in grouter.hf.moe_blocks(model):
+        for _, block, attr in grouter.nn.moe_blocks(model):
             getattr(block, attr).weight.normal_(std=0.5)
     g = grouter.Grouter(4096, 16, 2, d_model=128, n_layers=2, n_heads=4)
     return model, g

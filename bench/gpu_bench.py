@@ -152,10 +152,10 @@ def bench_glu(N, I, dtype, device, measure):
 
 
 def bench_expert_mlp(T, H, I, K, E, dtype, device, measure):
-    """grouter.nn.expert_mlp forward + backward vs grouped_mm with a separate silu(gate) * up."""
+    """grouter.ops.expert_mlp forward + backward vs grouped_mm with a separate silu(gate) * up."""
     import torch.nn.functional as F
 
-    from grouter.nn import expert_mlp
+    from grouter.ops import expert_mlp
 
     ids = torch.rand(T, E, device=device).topk(K, dim=1).indices
     plan = ops.routing_plan(ids, E)

@@ -18,7 +18,7 @@
 
 namespace grouter::glu {
 
-// The activations of grouter.nn.expert_mlp, by the names the Python side uses.
+// The activations of grouter.ops.expert_mlp, by the names of the Python registry (grouter/ops/activations.py).
 enum class Act : int { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
 
 GROUTER_HD float bits_to_float(int32_t i) {

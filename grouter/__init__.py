@@ -8,8 +8,9 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import nn, ops
 from .ops import RoutingPlan
+from .nn import fold_groups
 from .router import (Grouter, GrouterCache, PredispatchReader, TeacherLogits, affinity, distill, expand, fold,
-                     fold_groups, heldout_metrics, predispatch, routing_consistency, teacher_logits, tune)
+                     heldout_metrics, predispatch, routing_consistency, teacher_logits, tune)
 
 __version__ = "0.1.0"
 __all__ = [

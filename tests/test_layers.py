@@ -97,3 +97,59 @@ def test_every_public_class_has_a_docstring():
             if isinstance(obj, type) and not (obj.__doc__ or "").strip():
                 missing.append(f"{name}.{attr}")
     assert not missing, missing
+
+
+def test_every_op_registration_lives_in_grouter_ops():
+    # The op layer owns its Python side: a fake kernel, autograd formula or implementation
+    # registered elsewhere would make the ops' behaviour depend on what else was imported.
+    calls = ("register_fake", "register_autograd", "register_kernel", "impl", "define", "custom_op", "Library")
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "ops":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in calls and "library" in ast.unparse(node.value):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_public_name_has_one_home():
+    # Each name is exported by one package (the package root re-exports the main API); the others
+    # import it from there without listing it again.
+    import importlib
+
+    homes = {}
+    for unit in ("ops", "nn", "router", "hf", "parallel", "tokens"):
+        for name in importlib.import_module(f"grouter.{unit}").__all__:
+            homes.setdefault(name, []).append(unit)
+    assert not {n: h for n, h in homes.items() if len(h) > 1}
+
+
+def test_ops_alone_register_everything_they_need():
+    # Only grouter.ops imported (the package root is empty of side effects here because of the
+    # stub): expert_mlp differentiates and its fake kernel exists.
+    code = textwrap.dedent("""
+        import importlib.util, sys, types, torch
+        from pathlib import Path
+        root = Path(importlib.util.find_spec("grouter").origin).parent
+        pkg = types.ModuleType("grouter"); pkg.__path__ = [str(root)]; sys.modules["grouter"] = pkg
+        import grouter.ops as ops
+        assert "grouter.nn" not in sys.modules
+        rows = torch.randn(5, 4, requires_grad=True); off = torch.tensor([0, 2, 5])
+        gu = torch.randn(2, 6, 4, requires_grad=True); dn = torch.randn(2, 4, 3, requires_grad=True)
+        ops.expert_mlp(rows, off, gu, dn, "gelu").sum().backward()
+        assert rows.grad is not None and gu.grad is not None and dn.grad is not None
+        with torch._subclasses.FakeTensorMode():
+            out = torch.ops.grouter.expert_mlp(torch.empty(5, 4), torch.empty(3, dtype=torch.long),
+                                               torch.empty(2, 6, 4), torch.empty(2, 4, 3), "silu")[0]
+        assert out.shape == (5, 4)
+        for name in ops.GLU_ACTIVATIONS:  # the C++ kernels accept exactly the registry's names
+            ops.glu(torch.randn(2, 4), name)
+        try:
+            ops.glu(torch.randn(2, 4), "tanh")
+            raise SystemExit("an unknown activation was accepted")
+        except (ValueError, RuntimeError):
+            pass
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

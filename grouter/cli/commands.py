@@ -118,14 +118,15 @@ def _check_fewer(g, args) -> None:
 
 
 def _held_max_vio(g, held, args) -> float:
-    from ..router import max_vio
+    from ..nn import max_vio
 
     return max_vio(torch.cat([g.route(b.to(args.device))[0].reshape(-1, g.top_k).cpu()
                               for b in batches(held, args.batch_size)]), g.num_experts)
 
 
 def cmd_fold(args) -> None:
-    from ..router import affinity, fold, fold_groups
+    from ..nn import fold_groups
+    from ..router import affinity, fold
 
     g, out = _grouter_step(args)
     _check_fewer(g, args)
@@ -190,7 +191,8 @@ def cmd_predispatch(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from ..router import PredispatchReader, max_vio, routing_entropy
+    from ..nn import max_vio
+    from ..router import PredispatchReader, routing_entropy
 
     path = Path(args.path)
     if (path / "header.json").is_file():

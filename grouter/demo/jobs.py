@@ -170,7 +170,8 @@ def grouter_dir(ctx: Context, run: str, seed: int) -> Path:
 def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     """The Grouter of one seed of a Grouter run: distilled from its source (or left random), folded
     to the target's experts by affinity, tuned, and the seed's training routes pre-dispatched."""
-    from ..router import Grouter, affinity, distill, fold, fold_groups, heldout_metrics, predispatch, teacher_logits, tune
+    from ..nn import fold_groups
+    from ..router import Grouter, affinity, distill, fold, heldout_metrics, predispatch, teacher_logits, tune
 
     cfg, corpus = ctx.config, token_corpus(ctx)
     which, causal = GROUTER_RUNS[run]

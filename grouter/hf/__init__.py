@@ -12,11 +12,11 @@ Grouter's own cache, which follows the model's. `attach(model, None)` + `set_rou
 from outside (pre-dispatch). `save_pretrained` / `from_pretrained` keep the Grouter with the model.
 """
 
-from .attach import attach, attachment_of, detach, moe_blocks, set_routes
+from .attach import attach, attachment_of, detach, set_routes
 from .experts import experts_forward, register
 from .persist import from_pretrained, save_pretrained
 
-__all__ = ["register", "experts_forward", "attach", "detach", "set_routes", "attachment_of", "moe_blocks", "save_pretrained",
+__all__ = ["register", "experts_forward", "attach", "detach", "set_routes", "attachment_of", "save_pretrained",
            "from_pretrained"]
 
 register()

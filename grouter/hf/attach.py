@@ -27,7 +27,7 @@ from ..nn.routing import flatten_routing
 from ..router.model import Grouter, GrouterCache
 from .cache import install, routing_cache
 
-__all__ = ["attach", "detach", "set_routes", "moe_blocks", "attachment_of"]
+__all__ = ["attach", "detach", "set_routes", "attachment_of"]
 
 @dataclass
 class _Routes:
@@ -38,6 +38,7 @@ class _Routes:
     logits: Tensor
     plan: ops.RoutingPlan
     routing_cache: Any = None  # a GrouterCache to keep on the cache the forward returns
+    ids_version: int = 0  # ids._version when planned (where tracked)
 
 
 class Attachment:
@@ -84,7 +85,8 @@ class Attachment:
         if logits is None:  # routes from outside: logits whose softmax is the gate weights on the chosen experts
             logits = torch.full((ids.shape[0], self.num_experts), -1e4, dtype=torch.float32, device=ids.device)
             logits = logits.scatter(1, ids, weights.float().clamp_min(1e-30).log())
-        routes = _Routes(ids, weights, logits.reshape(ids.shape[0], -1), ops.routing_plan(ids, self.num_experts), state)
+        routes = _Routes(ids, weights, logits.reshape(ids.shape[0], -1), ops.routing_plan(ids, self.num_experts), state,
+                         0 if torch.compiler.is_compiling() or ids.is_inference() else ids._version)
         self.active.append(routes)
 
     def _route(self, input_ids: Tensor, attention_mask, cache, kwargs):
@@ -146,9 +148,16 @@ class Attachment:
         return None
 
     def plan_for(self, expert_ids: Tensor) -> Optional[ops.RoutingPlan]:
-        """The plan of this forward's routes when the block passes them on unchanged, else None."""
+        """The plan of this forward's routes when the block passes on the very ids the gate
+        returned, unmodified (same tensor, same version counter: an in-place edit by the block
+        bumps it), else None: the caller plans what it was given. Never a lookup across forwards:
+        the routes belong to this forward and go with it."""
         routes = self.routes()
-        return routes.plan if routes is not None and expert_ids is routes.ids else None
+        if routes is None or expert_ids is not routes.ids:
+            return None
+        unchanged = torch.compiler.is_compiling() or expert_ids.is_inference() or \
+            expert_ids._version == routes.ids_version
+        return routes.plan if unchanged else None
 
     def gate_output(self, hidden_states: Tensor):
         routes = self.routes()

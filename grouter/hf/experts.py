@@ -8,7 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.experts import expert_mlp, glu
+from ..ops import expert_mlp
 
 __all__ = ["experts_forward", "register"]
 
@@ -29,12 +29,12 @@ def _experts_fallback(module: nn.Module) -> Optional[str]:
 
 
 def _gate_fn(module: nn.Module):
-    """grouter's fused SwiGLU for the default gate with SiLU; otherwise the module's own gate."""
+    """"silu" (grouter's fused SwiGLU) for the default gate with SiLU; otherwise the module's own gate."""
     from transformers.integrations.moe import _default_apply_gate
 
     act = getattr(module, "act_fn", None)
     is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-    return glu if type(module)._apply_gate is _default_apply_gate and is_silu else module._apply_gate
+    return "silu" if type(module)._apply_gate is _default_apply_gate and is_silu else module._apply_gate
 
 
 def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:

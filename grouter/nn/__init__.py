@@ -1,6 +1,5 @@
 """MoE building blocks on the compiled dispatch ops: the MoE layer, experts, routers, routing."""
 
-from .expert_mlp_op import ACTIVATIONS, expert_mlp, glu
 from .experts import Experts
 from .moe import MoE
 from .balance import expert_load, load_cv, max_vio
@@ -12,7 +11,7 @@ from .grouping import fold_groups
 from .routing import Routing
 
 __all__ = [
-    "MoE", "Experts", "Attention", "fold_groups", "moe_blocks", "expert_mlp", "glu", "ACTIVATIONS", "Routing",
+    "MoE", "Experts", "Attention", "fold_groups", "moe_blocks", "Routing",
     "SoftmaxTopKRouter", "SigmoidTopKRouter", "load_balancing_loss", "router_z_loss", "max_vio", "load_cv",
     "expert_load", "update_router_biases",
 ]

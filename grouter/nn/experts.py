@@ -1,4 +1,4 @@
-"""Experts stored as transformers v5 stores them, computed by `grouter.nn.expert_mlp`.
+"""Experts stored as transformers v5 stores them, computed by `grouter.ops.expert_mlp`.
 
 `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`, so weights move between a grouter MoE and a
 transformers model without reshaping.
@@ -12,9 +12,9 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .expert_mlp_op import ACTIVATIONS, expert_mlp, glu
+from ..ops import ACTIVATIONS, expert_mlp
 
-__all__ = ["Experts", "expert_mlp", "glu", "ACTIVATIONS"]
+__all__ = ["Experts"]
 
 
 class Experts(nn.Module):
@@ -36,9 +36,6 @@ class Experts(nn.Module):
         # nn.Linear's default range, per expert.
         nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.hidden_size))
         nn.init.uniform_(self.down_proj, -1 / math.sqrt(self.intermediate_size), 1 / math.sqrt(self.intermediate_size))
-
-    def gate_fn(self, h: Tensor) -> Tensor:
-        return glu(h, ACTIVATIONS[self.activation])
 
     def forward(self, rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]]) -> Tensor:
         return expert_mlp(rows, expert_offsets, self.gate_up_proj, self.down_proj, self.activation)

@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import ops
-from ..nn.expert_mlp_op import expert_mlp
+from ..ops import expert_mlp
 from ..nn.experts import Experts
 from ..nn.moe import MoE
 from ..nn.routing import Routing

@@ -26,7 +26,7 @@ def tiny(name, implementation="eager", **overrides):
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).float()
     with torch.no_grad():  # some models zero-init their gates; make routing non-trivial
-        for _, block, attr in grouter.hf.moe_blocks(model):
+        for _, block, attr in grouter.nn.moe_blocks(model):
             getattr(block, attr).weight.normal_(std=0.5)
     model.set_experts_implementation(implementation)
     return model

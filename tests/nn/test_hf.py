@@ -54,7 +54,7 @@ def test_attach_routes_every_layer_and_ignores_the_gates(name, monkeypatch):
     grouter.hf.attach(model, router)
     seen = []
     hooks = [block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
-             for _, block, _ in grouter.hf.moe_blocks(model)]
+             for _, block, _ in grouter.nn.moe_blocks(model)]
     ids = torch.randint(3, VOCAB, (2, 13))
     plans = count_plans(monkeypatch)
     out = model(ids).logits
@@ -64,11 +64,11 @@ def test_attach_routes_every_layer_and_ignores_the_gates(name, monkeypatch):
     assert len(seen) == model.config.num_hidden_layers
     assert all(torch.equal(s, expected) for s in seen)
     with torch.no_grad():  # the learned gates no longer matter
-        for _, block, attr in grouter.hf.moe_blocks(model):
+        for _, block, attr in grouter.nn.moe_blocks(model):
             getattr(block, attr).weight.normal_()
     torch.testing.assert_close(model(ids).logits, out)
     out.sum().backward()
-    assert all(getattr(b, a).weight.grad is None for _, b, a in grouter.hf.moe_blocks(model))
+    assert all(getattr(b, a).weight.grad is None for _, b, a in grouter.nn.moe_blocks(model))
     for h in hooks:
         h.remove()
     assert model.config._experts_implementation == "grouter"  # attach switched it
@@ -84,7 +84,7 @@ def test_attach_matches_moe_layer_routing_by_hand():
     grouter.hf.attach(model, router)
     attached = model(ids).logits
     grouter.hf.detach(model)
-    for _, block, attr in grouter.hf.moe_blocks(model):  # the same routes, given by hand to each gate
+    for _, block, attr in grouter.nn.moe_blocks(model):  # the same routes, given by hand to each gate
         gate = getattr(block, attr)
         gate.forward = lambda h, _ids=ids: (h.new_zeros(h.shape[0], 8), router.weights[_ids].reshape(-1, 2),
                                             router.ids[_ids].reshape(-1, 2))

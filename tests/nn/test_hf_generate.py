@@ -56,7 +56,7 @@ def test_decode_steps_take_the_routes_of_the_whole_prefix():
     model = attached("qwen3_moe")
     g = grouter.hf.attachment_of(model).grouter
     seen = []
-    block = grouter.hf.moe_blocks(model)[0][1]
+    block = grouter.nn.moe_blocks(model)[0][1]
     hook = block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
     ids = torch.randint(3, VOCAB, (2, 7))
     with torch.inference_mode():

@@ -88,7 +88,7 @@ def test_routes_belong_to_one_forward(monkeypatch):
     model(input_ids=x1)
     # The base model called directly routes its own input, not the previous call's.
     seen = []
-    block = grouter.hf.moe_blocks(model)[0][1]
+    block = grouter.nn.moe_blocks(model)[0][1]
     hook = block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
     plans = count_plans(monkeypatch)
     model.model(input_ids=x2)

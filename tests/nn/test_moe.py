@@ -74,9 +74,8 @@ def test_activations(activation):
     moe = gnn.MoE(8, 6, 4, 2, activation=activation).double()
     x = torch.randn(20, 8, dtype=torch.float64)
     ids, w = fixed_routing(20, 2, 4)
-    act = gnn.ACTIVATIONS[activation]
     expected = ref.moe_experts(x, ids, w.double(), moe.experts.gate_up_proj, moe.experts.down_proj,
-                               act=lambda h: gnn.glu(h, act))
+                               act=lambda h: ref.glu(h, activation))
     torch.testing.assert_close(moe(x, routing=(ids, w.double())), expected)
 
 
@@ -238,7 +237,7 @@ def test_expert_mlp_op_passes_opcheck():
     gate_up = torch.randn(4, 12, 16, dtype=torch.float64, requires_grad=True)
     down = torch.randn(4, 16, 6, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.grouter.expert_mlp.default, (rows.requires_grad_(), offsets, gate_up, down, "silu"))
-    torch.autograd.gradcheck(lambda r, a, b: gnn.expert_mlp(r, offsets, a, b, "gelu"), (rows, gate_up, down))
+    torch.autograd.gradcheck(lambda r, a, b: grouter.ops.expert_mlp(r, offsets, a, b, "gelu"), (rows, gate_up, down))
 
 
 def test_fixed_routing_has_no_router_parameters():
@@ -249,9 +248,9 @@ def test_fixed_routing_has_no_router_parameters():
 
 def test_grouped_mm_path_matches_reference(monkeypatch):
     # The path CUDA takes in bf16 (torch's grouped_mm), forced here on the CPU in fp32.
-    from grouter.nn import expert_mlp_op as experts
+    from grouter.ops import experts
 
-    monkeypatch.setattr(experts, "_grouped_mm_ok", lambda x, w: True)
+    monkeypatch.setattr(experts, "_grouped_mm_ok", lambda x, w, d: True)
     moe = gnn.MoE(16, 8, 4, 2)
     x = torch.randn(30, 16, requires_grad=True)
     ids, w = fixed_routing(30, 2, 4)

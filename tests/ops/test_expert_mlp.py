@@ -6,7 +6,7 @@ import torch
 
 import reference as ref
 from grouter import ops  # noqa: F401  (loads the library)
-from grouter.nn import expert_mlp
+from grouter.ops import expert_mlp
 
 # Against an fp64 reference, relative to the largest magnitude: fp32 ~ GEMM reassociation and the
 # activation's few ulp; half types: their rounding of inputs, h and outputs.
@@ -105,7 +105,7 @@ def test_autocast_runs_the_op_in_bf16(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_composite_kernel_other_devices_run_matches_the_cpu_kernel(dtype):
     # CUDA and other devices run the Python composite; here it is checked against the C++ kernel.
-    from grouter.nn import expert_mlp_op
+    from grouter.ops import experts as expert_mlp_op
 
     rows = torch.randn(120, 16, dtype=dtype)
     offsets = random_offsets(120, 6)
@@ -163,7 +163,7 @@ def test_bad_activation_and_backward_shapes_raise(device):
 @pytest.mark.parametrize("where", ["weights", "down_proj", "offsets", "rows"])
 def test_meta_and_real_inputs_mixed_raise(where):
     # The fake kernel runs when any input is on the meta device; it must refuse mixed devices
-    # (else: uninitialised real memory returned), forward, backward and through nn.expert_mlp.
+    # (else: uninitialised real memory returned), forward, backward and through ops.expert_mlp.
     import grouter.nn as gnn
 
     rows, off = torch.randn(6, 4), torch.tensor([0, 3, 6])
@@ -173,7 +173,7 @@ def test_meta_and_real_inputs_mixed_raise(where):
     with pytest.raises(ValueError, match="different devices"):
         torch.ops.grouter.expert_mlp(*args, "silu")
     with pytest.raises(ValueError, match="different devices"):
-        gnn.expert_mlp(*args, "silu")
+        expert_mlp(*args, "silu")
     r, o, g, d = args
     with pytest.raises(ValueError, match="different devices"):
         torch.ops.grouter.expert_mlp_backward(r, r, torch.empty(6, 8, device=r.device), o, g, d, "silu")

@@ -124,7 +124,7 @@ def test_ddp_with_default_arguments_trains_an_attached_model(results):
     import grouter.hf
 
     model = attached_one_process()
-    gates = [getattr(block, attr).weight for _, block, attr in grouter.hf.moe_blocks(model)]
+    gates = [getattr(block, attr).weight for _, block, attr in grouter.nn.moe_blocks(model)]
     assert not any(g.requires_grad for g in gates)
     want = model.state_dict()
     for r in results("ddp_attached", 2):

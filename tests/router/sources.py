@@ -39,7 +39,7 @@ def family_model(family, bias_std=0.0, n_group=1, topk_group=1, layers=2, seed=0
         config = transformers.Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=16)
         model = transformers.Qwen3MoeForCausalLM(config)
     with torch.no_grad():
-        for _, block, attr in grouter.hf.moe_blocks(model):
+        for _, block, attr in grouter.nn.moe_blocks(model):
             gate = getattr(block, attr)
             gate.weight.normal_(std=0.5)
             if hasattr(gate, "e_score_correction_bias"):
@@ -49,7 +49,7 @@ def family_model(family, bias_std=0.0, n_group=1, topk_group=1, layers=2, seed=0
 
 def chosen_by_the_gate(model, tokens, layer=0):
     """The expert ids the gate of MoE layer `layer` returns in a plain forward of the whole model."""
-    _, block, attr = grouter.hf.moe_blocks(model)[layer]
+    _, block, attr = grouter.nn.moe_blocks(model)[layer]
     seen = []
     handle = getattr(block, attr).register_forward_hook(lambda m, a, out: seen.append(out[2]))
     try:

@@ -16,7 +16,7 @@ def tiny_olmoe():
                                       num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = transformers.OlmoeForCausalLM(config)
     with torch.no_grad():
-        for _, block, attr in grouter.hf.moe_blocks(model):
+        for _, block, attr in grouter.nn.moe_blocks(model):
             getattr(block, attr).weight.normal_(std=0.3)
     return model
 

@@ -3,7 +3,8 @@ import math
 import torch
 
 from conftest import token_batches
-from grouter.router import load_cv, max_vio, routing_consistency, routing_entropy
+from grouter.nn import load_cv, max_vio
+from grouter.router import routing_consistency, routing_entropy
 
 
 def test_balance_metrics():

@@ -89,7 +89,7 @@ def softmax_agreement():
 @pytest.mark.parametrize("family,bias,n_group,topk_group", SETUPS)
 def test_sigmoid_sources_are_distilled_toward_their_real_choice(family, bias, n_group, topk_group, softmax_agreement):
     model = family_model(family, bias_std=bias, n_group=n_group, topk_group=topk_group)
-    gate = grouter.hf.moe_blocks(model)[0][1].gate
+    gate = grouter.nn.moe_blocks(model)[0][1].gate
     rule = rule_of(gate)
     assert rule.score == "sigmoid" and torch.equal(rule.bias, gate.e_score_correction_bias)
     g, held, before, after, teacher_held = distilled(model)
@@ -105,7 +105,7 @@ def test_sigmoid_sources_are_distilled_toward_their_real_choice(family, bias, n_
 def test_the_capture_stops_before_the_experts_and_reads_the_block():
     model = family_model("deepseek_v3", bias_std=1.0, n_group=4, topk_group=2)
     ran = []
-    grouter.hf.moe_blocks(model)[0][1].experts.register_forward_hook(lambda *a: ran.append(1))
+    grouter.nn.moe_blocks(model)[0][1].experts.register_forward_hook(lambda *a: ran.append(1))
     tokens = torch.randint(0, VOCAB, (3, 10))
     with SourceCapture(model, 0) as cap:
         logits, ids = cap.run(tokens)

@@ -59,9 +59,9 @@ def test_tune_is_never_worse_on_heldout_and_restores_requires_grad(method, score
     g = small_grouter(8, 2, score=score)
     g.embed.weight.requires_grad_(False)  # a user's frozen embedding stays frozen
     train, held = token_batches(6), token_batches(3, seed=9)
-    before = grouter.router.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
+    before = grouter.nn.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
     result = grouter.router.tune(g, train, method=method, steps=30, heldout=held, eval_every=5, progress=False)
-    after = grouter.router.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
+    after = grouter.nn.max_vio(torch.cat([g.route(b)[0].reshape(-1, 2) for b in held]), 8)
     assert result["max_vio_before"] == pytest.approx(before)
     assert result["max_vio_after"] == pytest.approx(after) and after <= before
     assert result["evaluated_on"] == "heldout"

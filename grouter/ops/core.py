@@ -1,4 +1,5 @@
-"""The compiled dispatch ops (``torch.ops.grouter.*``) with Python wrappers, fake tensors and autograd.
+"""The compiled dispatch ops (``torch.ops.grouter.*``): routing_plan, permute, unpermute, coactivation
+and glu, with Python wrappers, fake tensors and autograd.
 
 ``routing_plan`` sorts the T*K (token, k) slots of a top-k routing by expert once; ``permute``,
 ``unpermute`` and the autograd formulas then only follow its ``row_of`` indices. The kernels live
@@ -14,7 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _C  # loads the library that registers torch.ops.grouter.*
+from .. import _C  # loads the library that registers torch.ops.grouter.*
+from .activations import GLU_ACTIVATIONS
 
 __all__ = [
     "RoutingPlan", "routing_plan", "permute", "unpermute", "coactivation", "glu", "GLU_ACTIVATIONS",
@@ -137,9 +139,6 @@ def coactivation(expert_ids: Tensor, num_experts: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck. They
 # repeat the shape checks so a traced program fails where the eager one would.
-
-
-GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
 def glu(h: Tensor, activation: str = "silu") -> Tensor:

@@ -20,22 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
+from . import core as ops
+from .activations import ACTIVATION_BACKWARD as _ACTIVATION_BACKWARD
+from .activations import ACTIVATIONS
 
-__all__ = ["expert_mlp", "glu", "ACTIVATIONS"]
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-def glu(h: Tensor, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
-    """act(gate) * up for h = [gate | up] (SwiGLU for silu), the transformers v5 convention."""
-    gate, up = h.chunk(2, dim=-1)
-    return act(gate) * up
+__all__ = ["expert_mlp"]
 
 
 Slices = List[Tuple[int, int, int]]  # (expert, first row, end row) of the non-empty experts
@@ -86,14 +75,6 @@ def _per_expert_grad(weight: Tensor, slices: Slices, grad: Tensor, inp: Tensor) 
     for e, s, t in slices:
         torch.mm(grad[s:t].t(), inp[s:t], out=out[e])
     return out
-
-
-_ACTIVATION_BACKWARD = {
-    "silu": lambda g, x: torch.ops.aten.silu_backward(g, x),
-    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
-    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
-    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0),
-}
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -240,13 +221,15 @@ class _ExpertMLP(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
-    """torch's grouped_mm: on CUDA (sm80+) in bf16, where it beats a loop of mm."""
+def _grouped_mm_ok(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> bool:
+    """torch's grouped_mm: on CUDA (sm80+) in bf16, where it beats a loop of mm, and for the
+    16-byte aligned strides it needs (H and I multiples of 8); otherwise the op's own path."""
     return (
         hasattr(F, "grouped_mm")
         and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and gate_up_proj.shape[1] % 16 == 0
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
 
@@ -260,8 +243,6 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
     sequence (no device-to-host copy). Empty inputs stay in the autograd graph (zero weight
     gradients): expert parallelism relies on every rank running the same backward.
     """
-    if gate is glu:
-        gate = "silu"
     if isinstance(gate, str) and gate not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {gate!r}")
     device = rows.device.type
@@ -271,7 +252,13 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return expert_mlp(rows.to(dtype), expert_offsets, gate_up_proj.to(dtype), down_proj.to(dtype), gate)
-    if _grouped_mm_ok(rows, gate_up_proj) and rows.shape[0] > 0:
+    if _grouped_mm_ok(rows, gate_up_proj, down_proj) and rows.shape[0] > 0:
+        if isinstance(gate, str):
+            _check_op_args(rows, gate_up_proj, down_proj, gate)
+        if ops.cuda_checks_enabled() or not isinstance(expert_offsets, Tensor):
+            # The same validation as the op (one host copy): offsets that do not tile the rows
+            # would leave trailing rows unwritten and combine them into tokens.
+            _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
         offs = torch.as_tensor(expert_offsets, device=rows.device)[1:].to(torch.int32)
         h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
         a = _glu(gate, h) if isinstance(gate, str) else gate(h)
