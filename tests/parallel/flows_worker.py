@@ -139,10 +139,9 @@ def main(out_dir: str, seed: int, names):
     mesh = mesh_for(world)
     for name in names:
         run(name, seed, world, rank, mesh, Path(out_dir))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Results are saved; leave without the interpreter's teardown, where gloo's threads of the
-    # extra meshes' groups once aborted a rank ("terminate called without an active exception").
+    dist.barrier()  # every rank's results are saved and no collective is left
+    # Leave without tearing the groups down: gloo's threads of the extra meshes' groups once
+    # aborted a rank there ("terminate called without an active exception").
     sys.stdout.flush()
     os._exit(0)
 
