@@ -36,7 +36,7 @@ from ..nn.experts import Experts
 from ..nn.moe import MoE
 from ..nn.routing import Routing
 from .dispatch import ParallelRouting, all_to_all, count_comm, group_info, same_on_all_ranks
-from .placement import PlacementLike, check_placement, contiguous_placement
+from .placement import PlacementLike, check_expert_order, check_placement, contiguous_placement, short_ids
 
 __all__ = ["ExpertParallelMoE"]
 
@@ -90,7 +90,7 @@ class ExpertParallelMoE(nn.Module):
         problem = None
         try:
             placement = check_placement(contiguous_placement(E, world) if placement is None else placement, E, world)
-            self.expert_order = _check_order(expert_order, E)
+            self.expert_order = check_expert_order(expert_order, E)
         except ValueError as e:
             problem = str(e)
         every = tuple(self.mesh.get_group(d) for d in range(self.mesh.ndim))  # the whole mesh, "dp" too
@@ -153,8 +153,8 @@ class ExpertParallelMoE(nn.Module):
         shards; a recorded expert numbering must be this layer's."""
         order = state_dict.pop(prefix + "expert_order", None)
         if order is not None and not torch.equal(torch.as_tensor(order).cpu().long(), self.expert_order):
-            raise ValueError(f"this state_dict's experts are numbered {_short(order)} (expert_order), this layer's "
-                             f"{_short(self.expert_order)}: build the layers with the checkpoint's numbering (route "
+            raise ValueError(f"this state_dict's experts are numbered {short_ids(order)} (expert_order), this layer's "
+                             f"{short_ids(self.expert_order)}: build the layers with the checkpoint's numbering (route "
                              f"with grouter.parallel.renumber_experts(grouter, checkpoint_order))")
         for name in ("gate_up_proj", "down_proj"):
             key = f"{prefix}experts.{name}"
@@ -278,21 +278,6 @@ def _coordinates_by_group_rank(mesh: DeviceMesh, dim: int, group) -> Tensor:
     for c, global_rank in enumerate(row):
         coords[dist.get_group_rank(group, global_rank)] = c
     return coords
-
-
-def _check_order(order: Optional[Sequence[int]], E: int) -> Tensor:
-    if order is None:
-        return torch.arange(E)
-    t = torch.as_tensor(order)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.shape != (E,) or \
-            not torch.equal(t.long().sort().values, torch.arange(E)):
-        raise ValueError(f"expert_order must be a permutation of 0..{E - 1}, got {_short(t)}")
-    return t.long().cpu()
-
-
-def _short(t) -> str:
-    values = torch.as_tensor(t).flatten().tolist()
-    return str(values) if len(values) <= 16 else f"[{', '.join(map(str, values[:16]))}, ... ({len(values)} ids)]"
 
 
 _OUT_OF_ORDER = ("{} of an ExpertParallelMoE with a non-contiguous placement would list its experts out of "

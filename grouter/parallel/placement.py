@@ -200,6 +200,23 @@ def routes_by_rank(expert_ids: Tensor, sample_ranks: Tensor, world_size: int) ->
     return [ids[ranks == r].reshape(-1, ids.shape[-1]) for r in range(world_size)]
 
 
+def check_expert_order(order: Optional[Sequence[int]], num_experts: int) -> Tensor:
+    """An experts' numbering as a LongTensor [E] (None: 0..E-1); ValueError unless a permutation."""
+    if order is None:
+        return torch.arange(num_experts)
+    t = torch.as_tensor(order)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.shape != (num_experts,) or \
+            not torch.equal(t.long().sort().values.cpu(), torch.arange(num_experts)):
+        raise ValueError(f"expert_order must be a permutation of 0..{num_experts - 1}, got {short_ids(t)}")
+    return t.long().cpu()
+
+
+def short_ids(t) -> str:
+    """Ids for a message: all of them up to 16, else the first 16 and the count."""
+    values = torch.as_tensor(t).flatten().tolist()
+    return str(values) if len(values) <= 16 else f"[{', '.join(map(str, values[:16]))}, ... ({len(values)} ids)]"
+
+
 def relabel_experts(grouter, placement: PlacementLike):
     """(a copy of the Grouter with its experts renumbered in placement order, the contiguous placement).
 
@@ -223,9 +240,7 @@ def renumber_experts(grouter, expert_order: Sequence[int]):
     training resumes on any number of ranks with the experts the checkpoint's rows belong to
     (with the contiguous placement of that numbering)."""
     E = grouter.num_experts
-    want = torch.as_tensor(expert_order).long().cpu()
-    if want.shape != (E,) or not torch.equal(want.sort().values, torch.arange(E)):
-        raise ValueError(f"expert_order must be a permutation of 0..{E - 1}, got shape {tuple(want.shape)}")
+    want = check_expert_order(expert_order, E)
     position = torch.empty(E, dtype=torch.long)
     position[grouter.expert_order] = torch.arange(E)  # where each original expert is now
     return _reordered(grouter, position[want])
