@@ -59,6 +59,39 @@ def test_no_module_imports_a_higher_or_sibling_layer():
     assert not bad, "\n".join(bad)
 
 
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(("grouter",) + path.relative_to(PACKAGE).with_suffix("").parts)
+        yield path, module.removesuffix(".__init__")
+
+
+def test_no_import_cycles_between_modules():
+    # Within a layer too: two modules that import each other (even from inside a function, which
+    # only hides the cycle from the interpreter) share a piece that belongs in a third.
+    known = {m for _, m in modules()}
+    graph = {}
+    for path, module in modules():
+        if module.count(".") < 2:  # package roots re-export their modules
+            continue
+        targets = {t if t in known else t.rsplit(".", 1)[0] for t in imports_of(path, module)}
+        graph[module] = {t for t in targets if t in known and t != module and t.count(".") >= 2}
+    cycles = []
+
+    def visit(node, stack):
+        if node in stack:
+            cycles.append(" -> ".join(stack[stack.index(node):] + [node]))
+            return
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in done:
+                visit(nxt, stack + [node])
+        done.add(node)
+
+    done = set()
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, "\n".join(cycles)
+
+
 def test_distill_and_the_hf_package_work_without_transformers():
     code = textwrap.dedent("""
         import sys

@@ -12,7 +12,8 @@ Grouter's own cache, which follows the model's. `attach(model, None)` + `set_rou
 from outside (pre-dispatch). `save_pretrained` / `from_pretrained` keep the Grouter with the model.
 """
 
-from .attach import attach, attachment_of, detach, set_routes
+from .attach import attach, detach, set_routes
+from .attachment import attachment_of
 from .experts import experts_forward, register
 from .persist import from_pretrained, save_pretrained
 

@@ -17,37 +17,22 @@ from typing import Any, Union
 
 from torch import nn
 
-__all__ = ["save_pretrained", "from_pretrained"]
+from ..router.model import Grouter
+from .attach import attach
+from .attachment import MARKER_FORMAT, attachment_of, save_attached
 
-_DIR = "grouter"
-_FORMAT = 1
+__all__ = ["save_pretrained", "from_pretrained"]
 
 
 def save_pretrained(model: nn.Module, path: Union[str, Path], *args, **kwargs) -> None:
     """`model.save_pretrained(path, ...)` and, if a Grouter is attached, the Grouter in `path/grouter/`.
 
-    An attached model's own ``model.save_pretrained`` comes here too, so the Grouter is never dropped.
+    An attached model's own ``model.save_pretrained`` does the same (`attachment.save_attached`).
     """
-    from .attach import attachment_of
-
-    att = attachment_of(model)
-    path = Path(path)
-    if att is None:
-        type(model).save_pretrained(model, path, *args, **kwargs)
-        return
-    g = att.grouter
-    if g is not None and not hasattr(g, "save"):
-        raise TypeError(f"grouter.hf.save_pretrained: the attached router ({type(g).__name__}) cannot be saved; "
-                        "attach a grouter.Grouter")
-    model.config.grouter = dict(format=_FORMAT, path=_DIR if g is not None else None,
-                                checksum=g.checksum() if g is not None else None)
-    model.config.experts_implementation = "grouter"  # read back by transformers as the implementation to load
-    try:
-        type(model).save_pretrained(model, path, *args, **kwargs)
-    finally:
-        del model.config.experts_implementation
-    if g is not None:
-        g.save(path / _DIR)
+    if attachment_of(model) is None:
+        type(model).save_pretrained(model, Path(path), *args, **kwargs)
+    else:
+        save_attached(model, path, *args, **kwargs)
 
 
 def from_pretrained(path: Union[str, Path], model_class: Any = None, **kwargs) -> nn.Module:
@@ -59,15 +44,12 @@ def from_pretrained(path: Union[str, Path], model_class: Any = None, **kwargs) -
     """
     import transformers
 
-    from ..router.model import Grouter
-    from .attach import attach
-
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"grouter.hf.from_pretrained: {path} is not a folder (models are loaded from disk only)")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     marker = getattr(config, "grouter", None)
-    if not isinstance(marker, dict) or marker.get("format") != _FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
         raise ValueError(f"grouter.hf.from_pretrained: {path / 'config.json'} records no Grouter (save the model with "
                          "grouter.hf.save_pretrained, or load it with transformers and attach one)")
     g = None

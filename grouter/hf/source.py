@@ -11,14 +11,13 @@ random and carry on), and an unreadable shard raises one line.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..nn.blocks import moe_blocks
+from ..nn.transformers_moe import decoder_layer_of, moe_blocks
 
 __all__ = ["load_source", "source_config", "moe_decoder_layers", "has_tokenizer"]
 
@@ -36,10 +35,10 @@ def moe_decoder_layers(config) -> list:
         raise ValueError(f"transformers cannot build a {type(config).__name__} model ({e})") from None
     found = []
     for name, _, _ in moe_blocks(model):
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
-        if m is None:
+        index = decoder_layer_of(name)
+        if index is None:
             raise ValueError(f"grouter: cannot tell which decoder layer holds the MoE block {name!r}")
-        found.append(int(m.group(1)))
+        found.append(index)
     return found
 
 
@@ -100,8 +99,8 @@ def load_source(path: Union[str, Path], layer: int = 0, device: Union[str, torch
         transformers.logging.set_verbosity(verbosity)
     _check_complete(path, loading)
     model = model.to(device).eval()
-    block = moe_blocks(model)[layer][1]
-    gate = next(getattr(block, a) for a in ("gate", "router") if hasattr(block, a))
+    _, block, attr = moe_blocks(model)[layer]
+    gate = getattr(block, attr)
     info = dict(num_experts=block.experts.num_experts, top_k=getattr(gate, "top_k", None),
                 vocab_size=config.vocab_size, hidden_size=getattr(config, "hidden_size", None),
                 decoder_layers_kept=keep, decoder_layers_total=total, model_type=config.model_type)

@@ -6,7 +6,7 @@ from .balance import expert_load, load_cv, max_vio
 from .learned_routers import (SigmoidTopKRouter, SoftmaxTopKRouter, load_balancing_loss, router_z_loss,
                               update_router_biases)
 from .attention import Attention
-from .blocks import moe_blocks
+from .transformers_moe import moe_blocks
 from .grouping import fold_groups
 from .routing import Routing
 

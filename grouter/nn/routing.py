@@ -40,7 +40,7 @@ class Routing:
                              f"{tuple(self.expert_ids.shape)}")
         if not self.planned_here:
             _check_plan_matches(self.expert_ids, self.plan)
-        object.__setattr__(self, "_versions", _versions(self._tensors()))
+        object.__setattr__(self, "_versions", versions_of(self._tensors()))
 
     def _tensors(self):
         return (self.expert_ids, *self.plan)
@@ -48,7 +48,7 @@ class Routing:
     def check_unchanged(self) -> None:
         """Raise ValueError if the ids or the plan were changed in place since the Routing was made
         (a plan edited in place would send rows through the wrong experts, silently)."""
-        if self._versions is not None and _versions(self._tensors()) != self._versions:
+        if self._versions is not None and versions_of(self._tensors()) != self._versions:
             raise ValueError("this Routing's expert ids or plan were changed in place after it was prepared: "
                              "prepare a new Routing (Routing.prepare) from the new routes")
 
@@ -70,7 +70,7 @@ class Routing:
 RoutingLike = Union[Routing, "tuple[Tensor, Tensor]"]
 
 
-def _versions(tensors):
+def versions_of(tensors):
     """The tensors' version counters (bumped by every in-place write); None where not tracked
     (inference tensors) or while compiling."""
     if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..nn.routing import flatten_routing
+from ..nn.routing import flatten_routing, versions_of
 from .placement import PlacementLike, check_placement, contiguous_placement, slots
 
 __all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all", "group_info", "count_comm"]
@@ -149,6 +149,22 @@ class ParallelRouting:
     placement: Tensor
     rank: int
     exchanged_counts: bool = field(default=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_snapshot", self._state())
+
+    def _state(self):
+        """What an in-place edit would change: the tensors' version counters and the host splits."""
+        tensors = (self.expert_ids, *self.plan, *(self.recv_plan or ()), self.placement)
+        return versions_of(tensors), tuple(self.send_splits), tuple(self.recv_splits), tuple(self.local_offsets)
+
+    def check_unchanged(self) -> None:
+        """Raise ValueError if the ids, plans, placement or splits were changed in place since
+        `prepare` (rows would go to the wrong ranks or experts, silently)."""
+        now, then = self._state(), self._snapshot
+        if now[1:] != then[1:] or (now[0] is not None and then[0] is not None and now[0] != then[0]):
+            raise ValueError("this ParallelRouting was changed in place after it was prepared: prepare a new one "
+                             "(ParallelRouting.prepare / ExpertParallelMoE.prepare) from the new routes")
 
     @property
     def num_experts(self) -> int:

@@ -199,6 +199,7 @@ class ExpertParallelMoE(nn.Module):
         if isinstance(routing, ParallelRouting):
             if not torch.equal(routing.placement, self._dispatch_placement) or routing.rank != self._group_rank:
                 raise ValueError("this ParallelRouting was prepared for another placement or rank")
+            routing.check_unchanged()
         elif isinstance(routing, (tuple, list)) and len(routing) == 2:
             routing = self.prepare(*routing)
         else:

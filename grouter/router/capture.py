@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
+from ..nn.moe import MoE
+from ..nn.transformers_moe import chosen_ids, gate_logits, moe_blocks
 from .source_rule import RouterRule, choice_of, rule_of
 
 __all__ = ["SourceCapture", "check_choice"]
@@ -35,9 +36,6 @@ class SourceCapture:
     """
 
     def __init__(self, source: nn.Module, layer: int = 0):
-        from ..nn.blocks import moe_blocks
-        from ..nn.moe import MoE
-
         hf = moe_blocks(source)
         ours = [m for m in source.modules() if isinstance(m, MoE) and m.router is not None]
         if hf:
@@ -60,13 +58,10 @@ class SourceCapture:
             if self.experts is None:  # grouter.nn routers return (ids, weights) and keep their logits
                 self.logits, self.ids = module.logits.detach(), out[0].detach()
                 raise _Captured
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-            self.logits = logits.detach()
+            self.logits = gate_logits(out).detach()
 
         def experts_hook(module, args, kwargs):
-            candidates = list(args[1:]) + list(kwargs.values())
-            ids = next((a for a in candidates if isinstance(a, Tensor) and not a.is_floating_point()
-                        and a.dim() == 2), None)
+            ids = chosen_ids(args, kwargs)
             if ids is None:
                 raise ValueError(f"distill: the experts of {type(self.gate).__name__}'s block were not called with "
                                  "the chosen expert ids (hidden, ids, weights); grouter cannot read this family's choice")

@@ -34,7 +34,7 @@ def expert_parallel(model, mesh, blocks=False):
 
 def attached(seed):
     """A Qwen3-MoE routed by an attached Grouter (the same on every rank and in the test)."""
-    sys.path.insert(0, str(HERE.parent / "nn"))
+    sys.path.insert(0, str(HERE.parent / "hf"))
     import grouter.hf
     from hf_models import small_grouter, tiny
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "nn")]
+sys.path[:0] = [str(HERE.parent / "hf")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

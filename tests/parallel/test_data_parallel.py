@@ -96,7 +96,7 @@ def test_dcp_checkpoint_loads_on_2_and_4_ranks_and_in_one_process(results):
 def attached_one_process(bf16=False):
     """The attached Qwen3-MoE trained in one process on both ranks' batches (the mean of their
     mean losses: equal batches); bf16: computing as a bf16 MixedPrecisionPolicy does."""
-    sys.path.insert(0, str(HERE.parent / "nn"))
+    sys.path.insert(0, str(HERE.parent / "hf"))
     import grouter.hf
     from hf_models import small_grouter, tiny
 

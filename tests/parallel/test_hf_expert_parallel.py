@@ -9,7 +9,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "nn")]
+sys.path[:0] = [str(HERE), str(HERE.parent / "hf")]
 
 pytest.importorskip("accelerate", reason="transformers' distributed loading (DistributedConfig) needs accelerate")
 

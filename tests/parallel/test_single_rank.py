@@ -57,6 +57,23 @@ def test_one_rank_sends_nothing_and_prepares_once(group):
     assert not r.exchanged_counts and r.send_splits == r.recv_splits == [20]
 
 
+@pytest.mark.parametrize("tamper", ["offsets", "ids", "row_of", "send_splits", "local_offsets"])
+def test_a_parallel_routing_changed_in_place_is_refused(group, tamper):
+    # A plan edited after prepare would send rows to other experts or ranks: refused at use.
+    ep = ExpertParallelMoE(gnn.MoE(16, 8, 4, 2))
+    x = torch.randn(40, 16)
+    r = ep.prepare(*routing(40, 2, 4))
+    ep(x, routing=r)  # unchanged: fine, as often as wanted
+    edit = {"offsets": lambda: r.plan.expert_offsets.__setitem__(1, r.plan.expert_offsets[1] + 1),
+            "ids": lambda: r.expert_ids.__setitem__((0, 0), (r.expert_ids[0, 0] + 1) % 4),
+            "row_of": lambda: r.plan.row_of.copy_(r.plan.row_of.flip(0)),
+            "send_splits": lambda: r.send_splits.__setitem__(0, r.send_splits[0] - 1),
+            "local_offsets": lambda: r.local_offsets.__setitem__(1, r.local_offsets[1] + 1)}
+    edit[tamper]()
+    with pytest.raises(ValueError, match="changed in place"):
+        ep(x, routing=r)
+
+
 def test_bad_input(group):
     moe = gnn.MoE(16, 8, 4, 2)
     ep = ExpertParallelMoE(moe)

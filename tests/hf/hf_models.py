@@ -1,5 +1,6 @@
 """Tiny transformers MoE models and a stand-in router, shared by the transformers tests."""
 
+import copy
 import warnings
 
 import torch
@@ -66,3 +67,11 @@ def count_plans(monkeypatch):
     real = grouter.ops.routing_plan
     monkeypatch.setattr(grouter.ops, "routing_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+def pair(name="qwen3_moe", **kw):
+    """The same model twice: one routed by a Grouter, one attached without (routes from outside)."""
+    model = tiny(name, **kw)
+    other = copy.deepcopy(model)
+    g = small_grouter()
+    return grouter.hf.attach(model, g), grouter.hf.attach(other, None), g

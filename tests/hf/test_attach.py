@@ -1,9 +1,6 @@
-"""Attached models: routes from outside, routes that belong to one forward, modes, compile, save/load."""
+"""Attached models: the Grouter or routes from outside route every block; routes belong to one forward; modes, compile, checkpointing."""
 
 import copy
-import subprocess
-import sys
-import json
 
 import pytest
 import torch
@@ -11,16 +8,88 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import grouter  # noqa: E402
-import grouter.hf  # noqa: E402
-from hf_models import VOCAB, count_plans, grads, small_grouter, tiny  # noqa: E402
+import grouter.hf  # noqa: E402  (registers "grouter")
+from hf_models import MODELS, VOCAB, TableRouter, count_plans, grads, pair, tiny  # noqa: E402
 
 
-def pair(name="qwen3_moe", **kw):
-    """The same model twice: one routed by a Grouter, one attached without (routes from outside)."""
-    model = tiny(name, **kw)
-    other = copy.deepcopy(model)
-    g = small_grouter()
-    return grouter.hf.attach(model, g), grouter.hf.attach(other, None), g
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attach_routes_every_layer_and_ignores_the_gates(name, monkeypatch):
+    model = tiny(name)
+    router = TableRouter(VOCAB, 8, 2)
+    grouter.hf.attach(model, router)
+    seen = []
+    hooks = [block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+             for _, block, _ in grouter.nn.moe_blocks(model)]
+    ids = torch.randint(3, VOCAB, (2, 13))
+    plans = count_plans(monkeypatch)
+    out = model(ids).logits
+    assert len(plans) == 1  # one plan for all layers
+    assert router.calls == 1  # routed once per forward
+    expected = router.ids[ids].reshape(-1, 2)
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(torch.equal(s, expected) for s in seen)
+    with torch.no_grad():  # the learned gates no longer matter
+        for _, block, attr in grouter.nn.moe_blocks(model):
+            getattr(block, attr).weight.normal_()
+    torch.testing.assert_close(model(ids).logits, out)
+    out.sum().backward()
+    assert all(getattr(b, a).weight.grad is None for _, b, a in grouter.nn.moe_blocks(model))
+    for h in hooks:
+        h.remove()
+    assert model.config._experts_implementation == "grouter"  # attach switched it
+    grouter.hf.detach(model)
+    assert model.config._experts_implementation == "eager"  # detach restored it
+    assert not torch.allclose(model(ids).logits, out)  # the (perturbed) learned gates route again
+
+
+def test_attach_matches_moe_layer_routing_by_hand():
+    model = tiny("qwen3_moe", "grouter")
+    router = TableRouter(VOCAB, 8, 2, seed=3)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    grouter.hf.attach(model, router)
+    attached = model(ids).logits
+    grouter.hf.detach(model)
+    for _, block, attr in grouter.nn.moe_blocks(model):  # the same routes, given by hand to each gate
+        gate = getattr(block, attr)
+        gate.forward = lambda h, _ids=ids: (h.new_zeros(h.shape[0], 8), router.weights[_ids].reshape(-1, 2),
+                                            router.ids[_ids].reshape(-1, 2))
+    torch.testing.assert_close(model(ids).logits, attached)
+
+
+def test_attach_errors():
+    with pytest.raises(ValueError, match="no MoE blocks"):
+        grouter.hf.attach(torch.nn.Linear(3, 3), TableRouter(VOCAB, 8, 2))
+    model = tiny("olmoe")
+    with pytest.raises(ValueError, match="vocabulary"):
+        grouter.hf.attach(model, TableRouter(VOCAB + 5, 8, 2))
+    with pytest.raises(ValueError, match="experts"):
+        grouter.hf.attach(model, TableRouter(VOCAB, 4, 2))
+    grouter.hf.attach(model, TableRouter(VOCAB, 8, 2))
+    with pytest.raises(RuntimeError, match="input_ids"):
+        model(inputs_embeds=torch.randn(1, 4, 32))
+    grouter.hf.detach(model)
+    grouter.hf.detach(model)  # idempotent
+    model(inputs_embeds=torch.randn(1, 4, 32))
+
+
+def test_attach_refuses_gates_it_cannot_stand_in_for():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 8, 4))
+            self.num_experts = 4
+
+    class Block(torch.nn.Module):  # unpacks its router as (scores, logits), like Llama 4
+        def __init__(self):
+            super().__init__()
+            self.experts, self.router = Experts(), torch.nn.Linear(4, 4)
+
+        def forward(self, h):
+            router_scores, router_logits = self.router(h)
+            return h
+
+    with pytest.raises(ValueError, match=r"unpacks its router as \(router_scores, router_logits\)"):
+        grouter.hf.attach(torch.nn.Sequential(Block()), TableRouter(VOCAB, 4, 2))
 
 
 def test_set_routes_equals_the_attached_grouter():
@@ -162,53 +231,6 @@ def test_router_logits_are_the_grouters():
     probs = out.router_logits[0].softmax(-1)  # routes from outside: softmax gives the gate weights
     r, w = g.route(ids)
     torch.testing.assert_close(probs.gather(1, r.reshape(-1, 2)), w.reshape(-1, 2), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
-def test_save_and_load_keep_the_grouter(tmp_path, name):
-    model, _, g = pair(name)
-    model.eval()
-    ids = torch.randint(3, VOCAB, (2, 10))
-    expected = model(ids).logits
-    grouter.hf.save_pretrained(model, tmp_path / "a")
-    model.save_pretrained(tmp_path / "b")  # the attached model's own save keeps the Grouter too
-    for folder in ("a", "b"):
-        marker = json.loads((tmp_path / folder / "config.json").read_text())["grouter"]
-        assert marker["path"] == "grouter" and marker["checksum"] == g.checksum()
-        loaded = grouter.hf.from_pretrained(tmp_path / folder)
-        assert loaded.config._experts_implementation == "grouter"
-        assert grouter.hf.attachment_of(loaded).grouter.checksum() == g.checksum()
-        assert torch.equal(loaded(ids).logits, expected)
-    with pytest.raises(RuntimeError, match="saved with a Grouter"):  # loaded without grouter: not silent
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", experts_implementation="grouter")(ids)
-    # plain transformers, as a user or pipeline() loads it: the folder names the grouter implementation
-    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    assert plain.config._experts_implementation == "grouter"
-    with pytest.raises(RuntimeError, match="grouter.hf.from_pretrained"):
-        plain(ids)
-    for implementation in ("eager", "grouped_mm"):  # chosen explicitly: it runs, but never silently
-        other = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", experts_implementation=implementation)
-        with pytest.warns(UserWarning, match="its never-trained gates route it"):
-            other(ids)
-    code = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'a')!r})"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # grouter never imported
-    assert r.returncode != 0 and 'experts_implementation="grouter"' in r.stderr
-
-
-def test_load_errors(tmp_path):
-    model, outside, g = pair()
-    tiny("olmoe").save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="records no Grouter"):
-        grouter.hf.from_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="not a folder"):
-        grouter.hf.from_pretrained(tmp_path / "missing")
-    grouter.hf.save_pretrained(model, tmp_path / "m")
-    small_grouter().save(tmp_path / "m" / "grouter")  # another Grouter in its place
-    with pytest.raises(ValueError, match="checksum"):
-        grouter.hf.from_pretrained(tmp_path / "m")
-    grouter.hf.save_pretrained(outside, tmp_path / "routes_only")
-    loaded = grouter.hf.from_pretrained(tmp_path / "routes_only")
-    assert grouter.hf.attachment_of(loaded).grouter is None
 
 
 def test_checkpointed_backwards_take_their_own_forwards_routes():
