@@ -53,8 +53,11 @@ run_tests() {  # name, budget, pytest arguments...
     echo "tests/ops/test_cuda.py skipped tests on a GPU machine:"; grep -E "^SKIPPED" "$log" | head -5; status=5
   fi
 }
-GROUTER_TEST_SEED=0 run_tests "cuda ops" 90 tests/ops/test_cuda.py
-GROUTER_TEST_SEED=$RANDOM$RANDOM run_tests "other cuda" 120 tests -k cuda --ignore=tests/ops/test_cuda.py
+GROUTER_TEST_SEED=0 run_tests "cuda ops" 100 tests/ops/test_cuda.py
+seed=$RANDOM$RANDOM
+GROUTER_TEST_SEED=$seed run_tests "ops on cuda" 90 tests/ops -k cuda --ignore=tests/ops/test_cuda.py
+GROUTER_TEST_SEED=$seed run_tests "nn and hf on cuda" 60 tests/nn tests/hf -k cuda
+GROUTER_TEST_SEED=$seed run_tests "router and parallel on cuda" 60 tests/router tests/parallel -k cuda
 
 # compute-sanitizer: on PATH or in the CUDA toolkit; without the caching allocator (an access
 # past a tensor inside a cached block would be invisible) and on grouter's kernels only.
@@ -63,7 +66,7 @@ if [ -n "$SAN" ]; then
   for tool in memcheck racecheck; do
     enough 20 "compute-sanitizer $tool" || continue
     start=$(date +%s)
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(budget 45)" "$SAN" --tool $tool --kernel-name kns=grouter \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(budget 60)" "$SAN" --tool $tool --kernel-name kns=grouter \
       --error-exitcode 3 "$PY" bench/sanitize_ops.py > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     tail -2 "$OUT/sanitizer_$tool.log"

@@ -6,11 +6,12 @@ Between the projections the gated activation runs fused (``grouter::glu``: one p
 backward, fp32 math for fp32/bf16/fp16). Forward saves only the input rows and the [N, 2I]
 gate/up projection; the [N, I] activation is recomputed by the fused backward. The op is defined in
 C++ with its CPU kernel (csrc/cpu/expert_mlp.cpp: one expert at a time, its activation between its
-GEMMs while still in cache); other devices run the Python composite here. Fake kernel and autograd
-are registered here too, so a model that uses it compiles with ``torch.compile(fullgraph=True)``:
-the data-dependent slicing stays inside the op. A gate given as an arbitrary callable takes the
-same computation through an autograd Function instead (eager only), as do host-side offsets
-(expert parallelism)."""
+GEMMs while still in cache); CUDA runs torch's grouped_mm in bf16 (sm80+, aligned H and I) and
+other devices and dtypes the Python composite here (per-expert mm and grouter::glu), all behind the
+same validation. Fake kernel and autograd are registered here too, so a model that uses it
+compiles with ``torch.compile(fullgraph=True)``: the data-dependent slicing stays inside the op. A
+gate given as an arbitrary callable takes the same computation through an autograd Function
+instead (eager only)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,67 @@ torch.library.impl("grouter::expert_mlp", "default", _expert_mlp_composite)
 torch.library.impl("grouter::expert_mlp_backward", "default", _expert_mlp_backward_composite)
 
 
+# --- CUDA: torch's grouped_mm in bf16 -------------------------------------------------------------
+# One grouped GEMM per projection instead of a loop of mm (and no host copy of the offsets with
+# checks off, so it can be captured in a CUDA graph). Behind the composite's validation: with
+# checks on, offsets that do not tile the rows raise (grouped_mm would leave trailing rows
+# unwritten and they would be combined into tokens); unaligned H or I take the composite.
+
+def _grouped_mm_ok(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> bool:
+    """torch's grouped_mm: on CUDA (sm80+) in bf16, where it beats a loop of mm, and for the
+    16-byte aligned strides it needs (H and I multiples of 8); otherwise the composite."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.is_cuda
+        and x.shape[0] > 0
+        and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and gate_up_proj.shape[1] % 16 == 0
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def _group_ends(expert_offsets: Tensor, rows: int, experts: int) -> Tensor:
+    """grouped_mm's offs (each group's end row, int32) after the op's checks: the whole
+    validation with checks on (one host copy), the shape only with checks off (no sync)."""
+    if ops.cuda_checks_enabled():
+        _slices(expert_offsets, rows, experts)
+    elif tuple(expert_offsets.shape) != (experts + 1,):
+        raise ValueError(f"grouter.expert_mlp: expert offsets must have {experts + 1} values, got "
+                         f"{tuple(expert_offsets.shape)}")
+    return expert_offsets[1:].to(torch.int32)
+
+
+def _expert_mlp_grouped(rows, expert_offsets, gate_up_proj, down_proj, activation):
+    _check_op_args(rows, gate_up_proj, down_proj, activation)
+    if not _grouped_mm_ok(rows, gate_up_proj, down_proj):
+        return _expert_mlp_composite(rows, expert_offsets, gate_up_proj, down_proj, activation)
+    offs = _group_ends(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
+    h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
+    return F.grouped_mm(_glu(activation, h), down_proj.transpose(-2, -1), offs=offs), h
+
+
+def _expert_mlp_backward_grouped(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation):
+    if not _grouped_mm_ok(rows, gate_up_proj, down_proj) or grad_out.shape != rows.shape \
+            or h.shape != (rows.shape[0], gate_up_proj.shape[1]):
+        return _expert_mlp_backward_composite(grad_out, rows, h, expert_offsets, gate_up_proj, down_proj, activation)
+    _check_op_args(rows, gate_up_proj, down_proj, activation)
+    offs = _group_ends(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
+    grad_out = grad_out.to(rows.dtype).contiguous()
+    grad_a = F.grouped_mm(grad_out, down_proj, offs=offs)
+    a, grad_h = _glu_backward(activation, h, grad_a)
+    # [out, N] x [N, in] grouped along N: one weight gradient per expert. Experts without rows
+    # get exact zeros whatever the GEMM leaves in their slice.
+    empty = (expert_offsets.diff() == 0).view(-1, 1, 1)
+    grad_down = F.grouped_mm(grad_out.t(), a, offs=offs).masked_fill_(empty, 0)
+    grad_gate_up = F.grouped_mm(grad_h.t(), rows, offs=offs).masked_fill_(empty, 0)
+    return F.grouped_mm(grad_h, gate_up_proj, offs=offs), grad_gate_up, grad_down
+
+
+torch.library.impl("grouter::expert_mlp", "CUDA", _expert_mlp_grouped)
+torch.library.impl("grouter::expert_mlp_backward", "CUDA", _expert_mlp_backward_grouped)
+
+
 @torch.library.register_fake("grouter::expert_mlp")
 def _(rows, expert_offsets, gate_up_proj, down_proj, activation):
     # As every op's fake kernel: meta weights with real rows would return uninitialised memory.
@@ -221,27 +283,15 @@ class _ExpertMLP(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _grouped_mm_ok(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> bool:
-    """torch's grouped_mm: on CUDA (sm80+) in bf16, where it beats a loop of mm, and for the
-    16-byte aligned strides it needs (H and I multiples of 8); otherwise the op's own path."""
-    return (
-        hasattr(F, "grouped_mm")
-        and x.is_cuda
-        and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16
-        and x.shape[-1] % 8 == 0
-        and gate_up_proj.shape[1] % 16 == 0
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    )
-
-
 def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_up_proj: Tensor, down_proj: Tensor,
                gate: Union[str, Callable[[Tensor], Tensor]] = "silu") -> Tensor:
     """Expert MLP of expert-major rows [N, H] (expert e owns rows expert_offsets[e]:[e+1]) -> [N, H].
 
     gate: an activation name of ACTIVATIONS (the registered, compilable op; "silu" = SwiGLU), or
-    any callable of h = [gate | up] [N, 2I] -> [N, I]. expert_offsets: a tensor [E+1], or a host
-    sequence (no device-to-host copy). Empty inputs stay in the autograd graph (zero weight
-    gradients): expert parallelism relies on every rank running the same backward.
+    any callable of h = [gate | up] [N, 2I] -> [N, I]. expert_offsets: a tensor [E+1] on the rows'
+    device, or a host sequence (expert parallelism: made a tensor on the rows' device for a named
+    activation, used as it is for a callable). Empty inputs stay in the autograd graph (zero
+    weight gradients): expert parallelism relies on every rank running the same backward.
     """
     if isinstance(gate, str) and gate not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {gate!r}")
@@ -252,18 +302,9 @@ def expert_mlp(rows: Tensor, expert_offsets: Union[Tensor, Sequence[int]], gate_
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return expert_mlp(rows.to(dtype), expert_offsets, gate_up_proj.to(dtype), down_proj.to(dtype), gate)
-    if _grouped_mm_ok(rows, gate_up_proj, down_proj) and rows.shape[0] > 0:
-        if isinstance(gate, str):
-            _check_op_args(rows, gate_up_proj, down_proj, gate)
-        if ops.cuda_checks_enabled() or not isinstance(expert_offsets, Tensor):
-            # The same validation as the op (one host copy): offsets that do not tile the rows
-            # would leave trailing rows unwritten and combine them into tokens.
-            _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
-        offs = torch.as_tensor(expert_offsets, device=rows.device)[1:].to(torch.int32)
-        h = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offs)
-        a = _glu(gate, h) if isinstance(gate, str) else gate(h)
-        return F.grouped_mm(a, down_proj.transpose(-2, -1), offs=offs)
-    if isinstance(gate, str) and isinstance(expert_offsets, Tensor):
+    if isinstance(gate, str):
+        if not isinstance(expert_offsets, Tensor):
+            expert_offsets = torch.tensor(list(expert_offsets), dtype=torch.long, device=rows.device)
         return torch.ops.grouter.expert_mlp(rows, expert_offsets, gate_up_proj, down_proj, gate)[0]
     slices = _slices(expert_offsets, rows.shape[0], gate_up_proj.shape[0])
     return _ExpertMLP.apply(rows, gate_up_proj, down_proj, slices, gate)

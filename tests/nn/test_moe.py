@@ -246,23 +246,6 @@ def test_fixed_routing_has_no_router_parameters():
     assert moe.aux_loss is None
 
 
-def test_grouped_mm_path_matches_reference(monkeypatch):
-    # The path CUDA takes in bf16 (torch's grouped_mm), forced here on the CPU in fp32.
-    from grouter.ops import experts
-
-    monkeypatch.setattr(experts, "_grouped_mm_ok", lambda x, w, d: True)
-    moe = gnn.MoE(16, 8, 4, 2)
-    x = torch.randn(30, 16, requires_grad=True)
-    ids, w = fixed_routing(30, 2, 4)
-    out = moe(x, routing=(ids, w))
-    expected = ref.moe_experts(x, ids, w, moe.experts.gate_up_proj, moe.experts.down_proj)
-    torch.testing.assert_close(out, expected)
-    params = (x, moe.experts.gate_up_proj, moe.experts.down_proj)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
-        torch.testing.assert_close(a, b)
-
-
 def test_activation_memory_is_rows_and_gate_up_only():
     # Saved for backward by the expert MLP: its input rows [N, H] and h [N, 2I], nothing [N, I].
     H, I = 12, 10

@@ -4,6 +4,8 @@ The op tests parametrised over `device` already run every reference comparison o
 add what only a GPU can show. Skipped where there is no GPU or grouter was built without CUDA.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -72,13 +74,25 @@ def test_every_output_and_gradient_matches_the_cpu_kernels_bitwise(dtype, aligne
         assert torch.equal(bits(a), bits(b.cpu())), f"output {i}"
 
 
+@pytest.mark.parametrize("shifted", ["grad_out", "y", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_weights_do_not_depend_on_alignment(dtype):
-    ids, x, y, w, g = inputs(2000, 4, 16, 256, dtype, "cuda")
-    aligned = all_outputs(ids, x, y, w, g, 16)
-    shifted = all_outputs(ids, misaligned(x), misaligned(y), w, misaligned(g), 16)
-    for a, b in zip(aligned, shifted):
-        assert torch.equal(bits(a), bits(b))
+def test_grad_weights_are_the_cpus_bits_at_every_alignment(dtype, shifted):
+    # grad_w's dot products must not follow the vector width the rows allow (16-byte loads when
+    # grad_out and y are both aligned, scalar ones otherwise): each combination against the CPU's
+    # bits. A dot order that depended on the width would pass an aligned-vs-aligned comparison.
+    T, K, E, H = 2000, 4, 16, 256  # rows of 16-byte multiples: the pointers alone pick the path
+    ids = ref.random_routing(T, K, E)
+    w, g, y = torch.rand(T, K), torch.randn(T, H).to(dtype), torch.randn(T * K, H).to(dtype)
+    plan = ops.routing_plan(ids, E)
+    want = torch.ops.grouter.unpermute_backward(g, plan.row_of, w, y)
+    gc, yc = g.cuda(), y.cuda()
+    if shifted in ("grad_out", "both"):
+        gc = misaligned(gc)
+    if shifted in ("y", "both"):
+        yc = misaligned(yc)
+    got = torch.ops.grouter.unpermute_backward(gc, ops.routing_plan(ids.cuda(), E).row_of, w.cuda(), yc)
+    for a, b in zip(want, got):
+        assert torch.equal(bits(a), bits(b.cpu()))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
@@ -110,17 +124,27 @@ def test_misaligned_half_rows_by_two_bytes(dtype):
     torch.testing.assert_close(grad_w, want_w)
 
 
-def test_misaligned_rows_take_the_scalar_path():
-    ids = ref.random_routing(300, 2, 8).cuda()
-    plan = ops.routing_plan(ids, 8)
-    # Contiguous tensors one float past an aligned address (a [:, 1:] view would be copied by the
-    # op's .contiguous() into an aligned buffer, testing nothing).
-    x = torch.randn(300 * 37 + 1, device="cuda")[1:].view(300, 37)
-    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+@pytest.mark.parametrize("dtype,shift,width", [(torch.float32, 0, 16), (torch.float32, 2, 8), (torch.float32, 1, 4),
+                                               (torch.bfloat16, 1, 2), (torch.float64, 1, 8)])
+def test_every_access_width_permutes_and_combines_exactly(dtype, shift, width):
+    # Rows of 64 elements (a multiple of 16 bytes) whose start is `shift` elements past an aligned
+    # address: the pointer alone decides the access (permute: 16/8/4/2 bytes; unpermute: 16 or
+    # scalar). A [:, 1:] view would be copied by .contiguous() into an aligned buffer and test
+    # nothing, so the rows are a contiguous view into a larger buffer.
+    T, K, E, H = 300, 2, 8, 64
+    ids = ref.random_routing(T, K, E).cuda()
+    plan = ops.routing_plan(ids, E)
+
+    def shifted(rows):
+        buf = torch.randn(rows * H + shift, device="cuda").to(dtype)
+        return buf[shift:].view(rows, H)
+
+    x, y = shifted(T), shifted(T * K)
+    w = torch.rand(T, K, device="cuda")
+    for t in (x, y):
+        assert t.is_contiguous() and (H * t.element_size()) % 16 == 0
+        assert (t.data_ptr() % 16 or 16) == width  # the widest access this pointer allows
     assert torch.equal(ops.permute(x, plan), ref.permute(x, plan.row_of))
-    y = torch.randn(600 * 37 + 1, device="cuda")[1:].view(600, 37)
-    w = torch.rand(300, 2, device="cuda")
-    assert y.is_contiguous() and y.data_ptr() % 16 != 0
     assert torch.equal(ops.unpermute(y, plan, w), ref.unpermute(y, plan.row_of, w))
 
 
@@ -160,14 +184,53 @@ def test_checks_off_bad_ids_stay_in_bounds(checks_off):
     assert out.shape == (3, 16)
 
 
-def test_checks_off_corrupt_plan_stays_in_bounds(checks_off):
-    plan = ops.routing_plan(torch.tensor([[0, 1], [2, 3]], device="cuda"), 4)
-    bad = ops.RoutingPlan(plan.sorted_tokens, torch.tensor([[0, 99], [-5, 1]], device="cuda", dtype=torch.int32),
-                          plan.expert_offsets)
-    x = torch.randn(2, 8, device="cuda")
-    ops.permute(x, bad)
-    ops.unpermute(torch.randn(4, 8, device="cuda"), bad, torch.rand(2, 2, device="cuda"))
+CANARY = 0xA5
+
+
+def between_canaries(run, out_bytes):
+    """(run()'s output, whether the 64 KiB on each side of it are untouched): run() must allocate
+    one output of out_bytes, which the caching allocator puts in the hole left between two canary
+    blocks of a private pool (best fit; asserted). A write past either end of the output lands in
+    a canary, where memory errors inside one allocator segment would otherwise stay invisible."""
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
+        pytest.skip("needs the caching allocator (compute-sanitizer memcheck covers this case without it)")
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        before = torch.full((2**16,), CANARY, dtype=torch.uint8, device="cuda")
+        hole = torch.empty(out_bytes, dtype=torch.uint8, device="cuda")
+        after = torch.full((2**16,), CANARY, dtype=torch.uint8, device="cuda")
+        where = hole.data_ptr()
+        del hole
+        out = run()
     torch.cuda.synchronize()
+    assert out.data_ptr() == where and before.data_ptr() + before.numel() <= where < after.data_ptr(), \
+        "the allocator did not place the output between the canaries: this test's set-up no longer holds"
+    return out, bool((before == CANARY).all()) and bool((after == CANARY).all())
+
+
+def test_checks_off_corrupt_plan_stays_in_bounds(checks_off):
+    # A plan whose rows point outside [0, T*K) (99, -5): with checks off the kernels skip those
+    # slots. Without the guard, permute and unpermute's backward would write x's row 99 rows past
+    # their output (into a canary) and unpermute would read y's row 99 (NaN here: it is inside
+    # y's larger buffer) into token 0.
+    plan = ops.routing_plan(torch.tensor([[0, 1], [2, 3]], device="cuda"), 4)
+    row_of = torch.tensor([[0, 99], [-5, 1]], device="cuda", dtype=torch.int32)
+    bad = ops.RoutingPlan(plan.sorted_tokens, row_of, plan.expert_offsets)
+    H = 8
+    x = torch.randn(2, H, device="cuda")
+    permuted, untouched = between_canaries(lambda: ops.permute(x, bad), 4 * H * 4)
+    assert untouched, "permute wrote outside its output"
+    assert torch.equal(permuted[0], x[0]) and torch.equal(permuted[1], x[1])
+    buffer = torch.full((200, H), float("nan"), device="cuda")
+    buffer[:4] = torch.randn(4, H, device="cuda")
+    y, w = buffer[:4], torch.rand(2, 2, device="cuda")
+    out = ops.unpermute(y, bad, w)
+    assert torch.equal(out, torch.stack([w[0, 0] * y[0], w[1, 1] * y[1]]))  # invalid slots add nothing
+    g = torch.randn(2, H, device="cuda")
+    # Without y no grad_w is made: grad_y is the one allocation, the one the canaries surround.
+    grad_y, untouched = between_canaries(lambda: torch.ops.grouter.unpermute_backward(g, row_of, w, None)[0], 4 * H * 4)
+    assert untouched, "unpermute_backward wrote outside grad_y"
+    assert torch.equal(grad_y[0], w[0, 0] * g[0]) and torch.equal(grad_y[1], w[1, 1] * g[1])
 
 
 @pytest.mark.parametrize("dtype,w", [(torch.bfloat16, 1 + 2**-8 + 2**-40), (torch.float16, 1 + 2**-11 + 2**-40)])
@@ -219,43 +282,83 @@ def test_every_op_replays_in_a_cuda_graph(checks_off):
         assert torch.equal(a, b), f"output {i}"
 
 
+def test_expert_mlp_replays_in_a_cuda_graph(checks_off):
+    # The bf16 grouped_mm kernel with checks off reads the offsets on the device only (no host
+    # copy), so forward and backward capture; replayed on new rows, equal to running eagerly.
+    N, E, H, I = 1024, 8, 64, 32
+    counts = torch.tensor([200, 0, 150, 174, 0, 300, 100, 100])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).cuda()
+    rows = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    gate_up = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).bfloat16()
+    down = (torch.randn(E, H, I, device="cuda") / I**0.5).bfloat16()
+
+    def run():
+        out, h = torch.ops.grouter.expert_mlp(rows, offsets, gate_up, down, "silu")
+        return [out, h, *torch.ops.grouter.expert_mlp_backward(grad_out, rows, h, offsets, gate_up, down, "silu")]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    rows.copy_(torch.randn_like(rows))
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(captured, run())):
+        assert torch.equal(a, b), f"output {i}"
+
+
 def test_permute_and_unpermute_beyond_2_31_elements():
-    # T*K*H > 2^31: every row offset needs 64-bit index math. Spot-checked rows.
+    # T*K*H > 2^31 in scalar accesses (rows 2 bytes past an aligned address): element offsets past
+    # 2^31 that 32-bit index math would wrap (16-byte vectors stay below 2^28 and would not show
+    # it). Checked on rows drawn from those whose elements lie past 2^31, the last row included.
     if torch.cuda.mem_get_info()[0] < 40 * 2**30:
         pytest.skip("needs 40 GB of free GPU memory")
     T, K, E, H = 2**18, 8, 64, 1040
-    assert T * K * H > 2**31
+    N = T * K
+    first_high = 2**31 // H + 1  # rows from here on start past element 2^31
+    assert N * H > 2**31 and first_high < N
     ids = ref.random_routing(T, K, E).cuda()
     plan = ops.routing_plan(ids, E)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    x = misaligned(torch.randn(T, H, device="cuda", dtype=torch.bfloat16))
     permuted = ops.permute(x, plan)
-    tokens = torch.randint(0, T, (2000,), device="cuda")
-    ks = torch.randint(0, K, (2000,), device="cuda")
-    assert torch.equal(permuted[plan.row_of[tokens, ks].long()], x[tokens])
-    last = plan.row_of[T - 1].long()  # the last row of each of its experts (the highest: past 2^31)
-    assert torch.equal(permuted[last], x[T - 1].expand(K, H))
-    assert torch.equal(permuted[-1], x[plan.sorted_tokens[-1].long()])
+    rows = torch.cat([torch.randint(first_high, N, (4000,), device="cuda"), torch.tensor([N - 1], device="cuda")])
+    assert torch.equal(permuted[rows], x[plan.sorted_tokens[rows].long()])
+    y = misaligned(permuted)
+    del permuted
     w = torch.rand(T, K, device="cuda")
-    out = ops.unpermute(permuted, plan, w)
-    for t in tokens[:50].tolist() + [T - 1]:
+    out = ops.unpermute(y, plan, w)
+    tokens = torch.unique(plan.sorted_tokens[rows[:60]].long()).tolist()  # tokens with a row past 2^31
+    for t in tokens:
         acc = torch.zeros(H, device="cuda")
         for k in range(K):
-            acc = acc + w[t, k] * x[t].float()  # the kernel's order: k by k, in fp32
+            acc = acc + w[t, k] * y[plan.row_of[t, k].long()].float()  # the kernel's order: k by k, in fp32
         assert torch.equal(out[t], acc.to(torch.bfloat16))
 
 
 def test_coactivation_from_two_host_threads():
-    # Two threads, one with a small shared tile and one whose tile needs the opt-in shared memory
-    # limit: neither may fail the other's launch (the attribute is per function, device-wide).
+    # Two threads whose tiles both need the opt-in shared memory limit (E=120: 57.6 KB, E=200:
+    # 160 KB, both over the 48 KB default): the attribute is per function and device-wide, so a
+    # launch that set only its own size could let the other thread's larger launch fail.
     import threading
 
-    cases = [(ref.random_routing(20000, 4, 32).cuda(), 32), (ref.random_routing(200000, 8, 200).cuda(), 200)]
+    props = torch.cuda.get_device_properties(0)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    cases = [(ref.random_routing(100000, 8, 120).cuda(), 120), (ref.random_routing(200000, 8, 200).cuda(), 200)]
+    for ids, E in cases:  # the conditions of csrc/cuda/coactivation.cu's shared tile, so the case is the one meant
+        tile = E * E * 4
+        assert 48 * 1024 < tile <= optin, (E, tile, optin)
+        assert 2 * props.multi_processor_count * E * E < ids.shape[0] * 8 * 8
     wants = [ref.coactivation(ids, E) for ids, E in cases]
     errors = []
 
     def work(ids, E, want):
         try:
-            for _ in range(20):
+            for _ in range(50):
                 assert torch.equal(ops.coactivation(ids, E), want)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
