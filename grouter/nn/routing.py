@@ -39,7 +39,7 @@ class Routing:
             raise ValueError(f"Routing: the plan covers {tuple(self.plan.row_of.shape)} slots, the ids "
                              f"{tuple(self.expert_ids.shape)}")
         if not self.planned_here:
-            _check_plan_matches(self.expert_ids, self.plan)
+            check_plan_matches(self.expert_ids, self.plan)
         object.__setattr__(self, "_versions", versions_of(self._tensors()))
 
     def _tensors(self):
@@ -47,10 +47,20 @@ class Routing:
 
     def check_unchanged(self) -> None:
         """Raise ValueError if the ids or the plan were changed in place since the Routing was made
-        (a plan edited in place would send rows through the wrong experts, silently)."""
-        if self._versions is not None and versions_of(self._tensors()) != self._versions:
-            raise ValueError("this Routing's expert ids or plan were changed in place after it was prepared: "
-                             "prepare a new Routing (Routing.prepare) from the new routes")
+        (a plan edited in place would send rows through the wrong experts, silently).
+
+        By the tensors' version counters; inference tensors have none, so there the plan is
+        checked against the ids instead (on the CPU, and on CUDA while checks are on: it syncs)."""
+        if self._versions is not None:
+            if versions_of(self._tensors()) != self._versions:
+                raise ValueError("this Routing's expert ids or plan were changed in place after it was prepared: "
+                                 "prepare a new Routing (Routing.prepare) from the new routes")
+        elif not torch.compiler.is_compiling() and untracked_needs_check(self.expert_ids):
+            try:
+                check_plan_matches(self.expert_ids, self.plan)
+            except ValueError as e:
+                raise ValueError(f"this Routing's expert ids or plan were changed in place after it was prepared "
+                                 f"({e}): prepare a new Routing (Routing.prepare) from the new routes") from None
 
     @classmethod
     def prepare(cls, expert_ids: Tensor, weights: Tensor, num_experts: int) -> "Routing":
@@ -78,7 +88,13 @@ def versions_of(tensors):
     return tuple(t._version for t in tensors)
 
 
-def _check_plan_matches(expert_ids: Tensor, plan: ops.RoutingPlan) -> None:
+def untracked_needs_check(t: Tensor) -> bool:
+    """Whether a routing without version counters is checked by content at use: on the CPU always,
+    on CUDA only while grouter's checks are on (the check synchronises)."""
+    return t.device.type != "cuda" or ops.cuda_checks_enabled()
+
+
+def check_plan_matches(expert_ids: Tensor, plan: ops.RoutingPlan) -> None:
     """Every slot's row lies in the slice of its expert, and the offsets tile all T*K rows."""
     offsets = plan.expert_offsets
     n = expert_ids.numel()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..nn.routing import flatten_routing, versions_of
+from ..nn.routing import check_plan_matches, flatten_routing, untracked_needs_check, versions_of
 from .placement import PlacementLike, check_placement, contiguous_placement, slots
 
 __all__ = ["ParallelRouting", "CommStats", "comm_stats", "reset_comm_stats", "all_to_all", "group_info", "count_comm"]
@@ -162,7 +162,16 @@ class ParallelRouting:
         """Raise ValueError if the ids, plans, placement or splits were changed in place since
         `prepare` (rows would go to the wrong ranks or experts, silently)."""
         now, then = self._state(), self._snapshot
-        if now[1:] != then[1:] or (now[0] is not None and then[0] is not None and now[0] != then[0]):
+        changed = now[1:] != then[1:] or (now[0] is not None and then[0] is not None and now[0] != then[0])
+        if not changed and now[0] is None and not torch.compiler.is_compiling() \
+                and untracked_needs_check(self.expert_ids):
+            # inference tensors have no version counters: the plan must still be the slot ids'
+            slot_ids = slots(self.placement).to(self.expert_ids.device)[self.expert_ids.long()]
+            try:
+                check_plan_matches(slot_ids, self.plan)
+            except ValueError:
+                changed = True
+        if changed:
             raise ValueError("this ParallelRouting was changed in place after it was prepared: prepare a new one "
                              "(ParallelRouting.prepare / ExpertParallelMoE.prepare) from the new routes")
 

@@ -288,5 +288,13 @@ def test_a_prepared_routing_changed_in_place_is_refused():
         tamper(r)
         with pytest.raises(ValueError, match="changed in place"):
             moe(x, routing=r)
-    with torch.inference_mode():  # inference tensors keep no version counter: nothing to compare
-        assert moe(x, routing=gnn.Routing.prepare(ids, torch.rand(5, 2), 4)).shape == (5, 8)
+    # Inference tensors keep no version counter: there the plan is checked against the ids at use.
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]])
+    with torch.inference_mode():
+        for tamper in (lambda r: r.plan.expert_offsets[1].add_(1), lambda r: r.expert_ids[0].copy_(r.expert_ids[1]),
+                       lambda r: r.plan.row_of.copy_(r.plan.row_of.flip(0))):
+            r = gnn.Routing.prepare(ids.clone(), torch.rand(5, 2), 4)
+            assert moe(x, routing=r).shape == (5, 8)
+            tamper(r)
+            with pytest.raises(ValueError, match="changed in place"):
+                moe(x, routing=r)
