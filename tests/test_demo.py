@@ -12,7 +12,7 @@ pytest.importorskip("tokenizers")
 
 from grouter import Grouter  # noqa: E402
 from grouter.demo import run_demo  # noqa: E402
-from grouter.demo.config import GROUTER_RUNS, RUNS  # noqa: E402
+from grouter.demo.config import CONTEXT_FREE, GROUTER_RUNS, RUNS  # noqa: E402
 from grouter.router import PredispatchReader  # noqa: E402
 
 
@@ -83,10 +83,41 @@ def test_leak_audit(report):
     audit = report["leak_audit"]
     assert audit["bidirectional_vs_causal"]["a"] == "grouter_bidirectional" and audit["bidirectional_vs_causal"]["measures"]
     for name, (_, causal) in GROUTER_RUNS.items():
+        if name in CONTEXT_FREE:  # a table reads no other token: nothing to leak
+            continue
         run = report["runs"][name]
         assert math.isfinite(run["leak_free_final_val_loss"])
         if causal:  # prefix-only routes are its own routes
             assert abs(run["leak_free_final_val_loss"] - run["final_val_loss"]) < 1e-4, name
+
+
+def test_splits_selection_on_dev_and_reporting_on_validation(report):
+    splits = report["splits"]
+    assert any("final_val_loss" in k and v == "validation" for k, v in splits.items())
+    assert any("tuning_dev_max_vio" in k and v == "dev" for k, v in splits.items())
+    d = report["distill"]
+    assert "dev" in d["selected_on"] and "validation" in d["evaluated_on"]
+    assert d["tuning_dev_max_vio"]["after"] <= d["tuning_dev_max_vio"]["before"]  # the best state, chosen on dev
+    assert report["tokenizer"]["dev_tokens"] > 0
+    assert len(report["versions"]["commit"]) >= 7 and "cpu" in report["versions"]["numerics"]
+
+
+def test_hash_balanced_is_balanced_and_spread(report):
+    t = report["hash_tables"]["hash_balanced"]
+    assert t["max_over_mean_load"] <= 1.02 and t["measured_on"] == "training split"
+    assert t["distinct_sets"] >= 0.9 * t["possible_sets"]
+
+
+def test_grouter_table_is_an_exported_context_free_table(quick, report):
+    from grouter import TableRouter
+
+    assert report["runs"]["grouter_table"]["seeds"] >= 2
+    for meta in report["grouters"]["grouter_table"]:
+        assert meta["table_same_routes"] == 1.0 and meta["table_max_weight_diff"] < 1e-6
+        table = TableRouter.load(quick / "stages" / f"grouter_table_s{meta['seed']}" / meta["table"])
+        assert table.checksum() == meta["table_checksum"] and table.num_experts == report["config"]["target_experts"]
+        assert meta["parameters"] < report["grouters"]["grouter"][0]["parameters"]  # no blocks
+    assert "grouter_table" in {c["b"] for c in report["comparisons"]}
 
 
 def test_grouter_seeds_are_distilled_apart_and_routes_predispatched(quick, report):

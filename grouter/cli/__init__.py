@@ -1,4 +1,5 @@
-"""The `grouter` command: demo | distill | fold | expand | tune | predispatch | inspect (`grouter CMD --help`).
+"""The `grouter` command: demo | distill | fold | expand | tune | predispatch | export-table | inspect
+(`grouter CMD --help`).
 
 Token data (--data): .npy integer arrays, raw .bin files with --dtype, a datasets folder
 (save_to_disk, an input_ids column; padding dropped), or .txt/.jsonl text tokenised offline, its
@@ -18,8 +19,8 @@ from typing import List, Optional
 import torch
 
 from .args import DTYPES, Parser, data_args, formatter, natural_int, positive_float, positive_int
-from .commands import (cmd_demo, cmd_distill, cmd_expand, cmd_fold, cmd_inspect, cmd_predispatch, cmd_tune,
-                       default_grouter_size)
+from .commands import (cmd_demo, cmd_distill, cmd_expand, cmd_export_table, cmd_fold, cmd_inspect, cmd_predispatch,
+                       cmd_tune, default_grouter_size)
 
 __all__ = ["main", "build_parser", "default_grouter_size"]
 
@@ -108,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="cpu", help="device to run the Grouter on")
     p.set_defaults(func=cmd_predispatch)
+
+    help = ("a context-free table of a Grouter: each token id's most frequent expert set (and mean weights) over "
+            "--data, as a [vocab, K] safetensors file (grouter.TableRouter), with its agreement on held-out data")
+    p = sub.add_parser("export-table", help=help, description=help, formatter_class=formatter)
+    p.add_argument("grouter", help="a Grouter folder")
+    data_args(p)
+    p.add_argument("--out", required=True, help="the table file (.safetensors); a report goes beside it (.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table file")
+    p.add_argument("--device", default="cpu", help="device to run the Grouter on")
+    p.set_defaults(func=cmd_export_table)
 
     help = "describe a Grouter folder, or verify and describe a pre-dispatch folder"
     p = sub.add_parser("inspect", help=help, description=help, formatter_class=formatter)

@@ -190,6 +190,33 @@ def cmd_predispatch(args) -> None:
     print(f"wrote the routes of {samples.shape[0]} samples, with a copy of their tokens, to {path}")
 
 
+def cmd_export_table(args) -> None:
+    from ..router import TableRouter, table_agreement
+
+    check_device(args.device)
+    out = Path(args.out)
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise ValueError(f"--out {out}: {'a folder' if out.is_dir() else 'a file'} is in the way (pass --overwrite to "
+                         "replace a table)")
+    check_data(args)
+    g = load_grouter(args.grouter, args.device)
+    train, held, unit = split(args, documents(args, g.vocab_size))
+    t0 = time.perf_counter()
+    table = TableRouter.from_routes(g, [b.to(args.device) for b in batches(train, args.batch_size)],
+                                    source=f"{args.grouter} (checksum {g.checksum()[:16]})")
+    seconds = time.perf_counter() - t0
+    agreement = table_agreement(table, g, [b.to(args.device) for b in batches(held, args.batch_size)])
+    table.save(out)
+    report = dict(command="export-table", grouter=args.grouter, grouter_checksum=g.checksum(), table=str(out),
+                  table_checksum=table.checksum(), vocab_size=table.vocab_size, top_k=table.top_k,
+                  num_experts=table.num_experts, train_samples=int(train.shape[0]), seed=args.seed,
+                  heldout=dict(samples=int(held.shape[0]), unit=unit, **agreement))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(f"wrote a [{table.vocab_size}, {table.top_k}] table to {out}: on held-out data it gives the Grouter's "
+          f"expert set to {agreement['same_set']:.1%} of tokens and {agreement['shared_experts']:.1%} of their "
+          f"experts ({seconds:.1f} s; report {out.with_suffix('.json')})")
+
+
 def cmd_inspect(args) -> None:
     from ..nn import max_vio
     from ..router import PredispatchReader, routing_entropy

@@ -9,14 +9,20 @@ BASELINES = ("learned_aux", "learned_bias", "hash", "hash_balanced")
 # Grouter runs: (source the Grouter is distilled from, causal). "random": no source, random weights.
 GROUTER_RUNS = {
     "grouter": ("strong", True),
+    "grouter_table": ("strong", True),
     "grouter_weak": ("weak", True),
     "grouter_random": ("random", True),
     "grouter_bidirectional": ("strong", False),
 }
+# The context-free control: a Grouter without blocks (embedding -> norm -> projection), distilled,
+# folded and tuned exactly as `grouter`. Its KL-optimal routes are each token id's mean source
+# distribution, so it is a token id -> experts table: exported as one (grouter.TableRouter) and the
+# target trains on the table's lookups. grouter - grouter_table is what context adds.
+CONTEXT_FREE = {"grouter_table"}
 RUNS = BASELINES + tuple(GROUTER_RUNS)
 ROUTERS = {"learned_aux": "softmax", "learned_bias": "sigmoid"}
 MAIN_RUNS = ("grouter", "hash_balanced", "learned_aux")  # Config.seeds each
-CONTROLS = ("grouter_weak", "grouter_random", "grouter_bidirectional")  # Config.control_seeds each
+CONTROLS = ("grouter_table", "grouter_weak", "grouter_random", "grouter_bidirectional")  # Config.control_seeds each
 
 
 @dataclass
@@ -47,7 +53,8 @@ class Config:
     grouter_heads: int = 4
     eval_points: int = 6
     val_windows: int = 256
-    heldout_windows: int = 64  # of the validation windows: distillation and tuning figures
+    heldout_windows: int = 64  # of the validation windows: distillation and tuning figures (reported only)
+    dev_windows: int = 64  # of the dev split (carved from training data): what tuning selects its state on
     seeds: int = 3  # grouter, hash_balanced, learned_aux
     control_seeds: int = 2  # grouter_weak, grouter_random, grouter_bidirectional
     other_seeds: int = 2  # learned_bias, hash
@@ -70,7 +77,7 @@ PRESETS: Dict[str, Config] = {
                     source_experts=8, target_experts=4, seq_len=64, batch_size=8, target_tokens=40_000,
                     source_tokens=200_000, distill_steps=60, distill_batches=8, tune_steps=30, tune_batches=8,
                     grouter_d_model=64, grouter_layers=1, grouter_heads=2, eval_points=4, val_windows=256,
-                    heldout_windows=16, seeds=2, control_seeds=2),
+                    heldout_windows=16, dev_windows=16, seeds=2, control_seeds=2),
     # The paper's fine-grained regime: many small experts, top-8, folded 64 -> 32.
     "fine": Config(d_expert=32, source_experts=64, target_experts=32, top_k=8),
     # One lent GPU, about 10 minutes: a wider, deeper model on more tokens.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import GROUTER_RUNS, ROUTERS, Config
+from .config import CONTEXT_FREE, GROUTER_RUNS, ROUTERS, Config
 from .corpus import Corpus, load_corpus
 from .subwords import TokenCorpus, build_token_corpus
 
@@ -76,15 +76,15 @@ def new_model(cfg: Config, corpus: TokenCorpus, num_experts: int, seed: int, rou
 
 def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[[int, Tensor], Routes]],
                aux: bool = False) -> Tensor:
-    """One optimizer step on the batch x: next-token loss (plus the routers' aux loss with `aux`)."""
+    """One optimizer step on the batch x: next-token loss (plus the routers' aux and z losses with `aux`)."""
     from ..nn import Routing, update_router_biases
-    from .lm import AUX_LOSS_COEF
+    from .lm import AUX_LOSS_COEF, Z_LOSS_COEF
 
     routing = Routing.prepare(*step_routes(step, x), model.num_experts) if step_routes is not None else None
     logits = model(x, routing)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), x[:, 1:].reshape(-1))
     if aux:
-        loss = loss + AUX_LOSS_COEF * model.aux_loss()
+        loss = loss + AUX_LOSS_COEF * model.aux_loss() + Z_LOSS_COEF * model.z_loss()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,14 +178,15 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     S, B = cfg.seq_len, cfg.batch_size
     batches = [next(corpus.train_batches(10_000 + 100 * seed + i, B, S)) for i in range(cfg.distill_batches)]
     tune_batches = [next(corpus.train_batches(20_000 + 100 * seed + i, B, S)) for i in range(cfg.tune_batches)]
-    held = corpus.val_windows(cfg.heldout_windows, S).to(ctx.device)  # never trained on by anything
+    held = corpus.val_windows(cfg.heldout_windows, S).to(ctx.device)  # read only to report
     held_batches = list(held.split(B))
+    dev_batches = list(corpus.dev_windows(cfg.dev_windows, S).to(ctx.device).split(B))  # what tuning selects on
     torch.manual_seed(5000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bidirectional warning: that leak is what the audit measures
         g = Grouter(cfg.vocab_size, cfg.source_experts, cfg.top_k, d_model=cfg.grouter_d_model,
-                    n_layers=cfg.grouter_layers, n_heads=cfg.grouter_heads, causal=causal,
-                    source=f"demo {which} source MoE, layer 0").to(ctx.device)
+                    n_layers=0 if run in CONTEXT_FREE else cfg.grouter_layers, n_heads=cfg.grouter_heads,
+                    causal=causal, source=f"demo {which} source MoE, layer 0").to(ctx.device)
     meta: Dict = dict(run=run, seed=seed, source=which, causal=causal)
     t0 = time.perf_counter()
     if which != "random":
@@ -201,12 +202,22 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     A = affinity(g, batches)
     groups = fold_groups(A, cfg.target_experts)
     folded = fold(g, groups)
-    tuned = tune(folded, tune_batches, steps=cfg.tune_steps, heldout=held_batches, progress=ctx.progress)
+    vio_folded = _max_vio_on(folded, held_batches)
+    tuned = tune(folded, tune_batches, steps=cfg.tune_steps, heldout=dev_batches, progress=ctx.progress)
     meta.update(tune_seconds=time.perf_counter() - t0, tune_tokens=cfg.tune_steps * cfg.tokens_per_step,
-                affinity=A.tolist(), groups=groups.tolist(), max_vio_folded=tuned["max_vio_before"],
-                max_vio_tuned=tuned["max_vio_after"])
+                affinity=A.tolist(), groups=groups.tolist(), max_vio_folded=vio_folded,
+                max_vio_tuned=_max_vio_on(folded, held_batches), tune_best_step=tuned["best_step"],
+                tune_dev_max_vio=dict(before=tuned["max_vio_before"], after=tuned["max_vio_after"]))
     folder = grouter_dir(ctx, run, seed)
     folded.save(folder)
+    meta["parameters"] = sum(p.numel() for p in folded.parameters())
+    if run in CONTEXT_FREE:  # the target trains on the exported table's lookups
+        meta.update(_export_table(folded.eval(), folder, vocab=cfg.vocab_size))
+        meta["predispatch_seconds"], meta["predispatch_tokens"] = 0.0, 0
+        (ctx.stages / f"{run}_s{seed}.json").write_text(json.dumps(meta))
+        return dict(meta, summary=f"{run} s{seed}: held-out KL {meta['kl_before']:.3f} -> {meta['kl_after']:.3f}, "
+                    f"top-{cfg.top_k} agreement {meta['topk_agreement']:.3f}; table {cfg.vocab_size} x {cfg.top_k} "
+                    f"exported; validation MaxVio {meta['max_vio_folded']:.2f} -> {meta['max_vio_tuned']:.2f}")
     # The target run of this seed reads these routes instead of running the Grouter every step.
     t0 = time.perf_counter()
     data = corpus.train_batches(seed, B, S)
@@ -219,6 +230,32 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
           f"{meta['topk_agreement']:.3f}; " if "kl_after" in meta else "")
     return dict(meta, summary=f"{run} s{seed}: {kl}fold {cfg.source_experts} -> {cfg.target_experts}; held-out "
                 f"MaxVio {meta['max_vio_folded']:.2f} -> {meta['max_vio_tuned']:.2f}")
+
+
+def _export_table(g, folder: Path, vocab: int) -> Dict:
+    """Write g's token id -> experts table (g reads no context, so the table is its routing) and
+    check the file routes every id as g does."""
+    from ..router import TableRouter
+
+    ids = torch.arange(vocab, device=next(g.parameters()).device).view(-1, 1)
+    table = TableRouter.from_routes(g, [ids.view(1, -1)], source=f"{folder.name}: a Grouter without blocks")
+    path = table.save(folder / "table.safetensors")
+    again = TableRouter.load(path)
+    with torch.no_grad():
+        g_ids, g_w = g.route(ids.view(1, -1))
+    t_ids, t_w = again.route(ids.view(1, -1).cpu())
+    same = (g_ids.cpu().sort(-1).values == t_ids.sort(-1).values).all(-1).float().mean().item()
+    return dict(table=str(path.name), table_checksum=again.checksum(), table_same_routes=same,
+                table_max_weight_diff=float((g_w.cpu().sort(-1).values - t_w.sort(-1).values).abs().max()))
+
+
+def _max_vio_on(g, batches: List[Tensor]) -> float:
+    """MaxVio of g's routes over `batches` (validation: a reported figure, never a selection)."""
+    from ..nn import max_vio
+
+    with torch.no_grad():
+        ids = torch.cat([g.route(b)[0].reshape(-1, g.top_k) for b in batches])
+    return max_vio(ids, g.num_experts)
 
 
 # -- target runs -----------------------------------------------------------------------------------
@@ -245,6 +282,11 @@ def routing_of(ctx: Context, name: str, seed: int):
         route = table_router(hash_table(E, K, vocab=corpus.vocab_size))
     elif name == "hash_balanced":
         route = table_router(balanced_hash_table(corpus.frequencies(), E, K))
+    elif name in CONTEXT_FREE:
+        from ..router import TableRouter
+
+        table = TableRouter.load(grouter_dir(ctx, name, seed) / "table.safetensors", map_location=ctx.device)
+        route = _table_route(table)
     elif name in GROUTER_RUNS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -254,6 +296,31 @@ def routing_of(ctx: Context, name: str, seed: int):
     else:
         return None, None, None
     return (lambda step, x: route(x)), route, None
+
+
+def hash_tables_summary(ctx: Context) -> Dict[str, Dict]:
+    """The hash baselines' tables on the training split: load balance (max / mean expert load,
+    tokens weighted by frequency) and how many distinct expert sets the ids use."""
+    from .lm import balanced_hash_table, hash_table
+
+    cfg, corpus = ctx.config, token_corpus(ctx)
+    E, K, freq = cfg.target_experts, cfg.top_k, corpus.frequencies().double()
+    out = {}
+    for name, table in (("hash", hash_table(E, K, vocab=corpus.vocab_size)),
+                        ("hash_balanced", balanced_hash_table(corpus.frequencies(), E, K))):
+        load = torch.zeros(E, dtype=torch.float64).index_add_(0, table.reshape(-1), freq.repeat_interleave(K))
+        out[name] = dict(max_over_mean_load=float(load.max() / load.mean()),
+                         distinct_sets=len({tuple(sorted(r)) for r in table.tolist()}),
+                         possible_sets=min(math.comb(E, K), corpus.vocab_size), measured_on="training split")
+    return out
+
+
+def _table_route(table):
+    def route(input_ids: Tensor) -> Routes:
+        ids, w = table.route(input_ids)
+        return ids.reshape(-1, table.top_k), w.reshape(-1, table.top_k)
+
+    return route
 
 
 def run_target(ctx: Context, name: str, seed: int) -> Dict:

@@ -6,12 +6,14 @@ then a grouter.nn.MoE in place of the MLP) -> RMSNorm -> head. What differs is t
   learned_aux   a softmax top-k router per layer, trained with the load-balancing loss
   learned_bias  a sigmoid top-k router per layer with an aux-loss-free expert bias
   hash          a fixed table token id -> K experts, every expert serving as many ids
-  hash_balanced the paper's Balanced Hash: ids assigned so every expert serves as many tokens
+  hash_balanced the paper's Balanced Hash: every expert serves as many training tokens (within 1%),
+                the ids' K-sets drawn over all C(E, K) sets
   grouter*      a frozen Grouter's routes (pre-dispatched before training), shared by all layers
 """
 
 from __future__ import annotations
 
+import random
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -22,7 +24,8 @@ from ..nn import MoE, Routing, SigmoidTopKRouter, SoftmaxTopKRouter
 from ..nn.attention import Attention
 from .corpus import VOCAB
 
-AUX_LOSS_COEF = 0.01
+AUX_LOSS_COEF = 0.01  # on the mean of the layers' aux losses: AUX_LOSS_COEF / n_layers per layer
+Z_LOSS_COEF = 1e-3  # ST-MoE's router z-loss, on the mean over layers as well
 EVAL_BATCH = 32  # validation windows per forward
 
 
@@ -75,8 +78,17 @@ class MoELM(nn.Module):
         return self.head(self.norm(x))
 
     def aux_loss(self) -> Tensor:
-        losses = [b.moe.aux_loss for b in self.blocks if b.moe.aux_loss is not None]
-        return sum(losses) / len(losses) if losses else torch.zeros(())
+        """The routers' load-balancing loss of the last forward, mean over layers."""
+        return self._mean_router_term("aux_loss")
+
+    def z_loss(self) -> Tensor:
+        """The routers' z-loss of the last forward, mean over layers."""
+        return self._mean_router_term("z_loss")
+
+    def _mean_router_term(self, name: str) -> Tensor:
+        terms = [getattr(b.moe.router, name) for b in self.blocks
+                 if b.moe.router is not None and getattr(b.moe.router, name, None) is not None]
+        return sum(terms) / len(terms) if terms else torch.zeros(())
 
 
 def hash_table(num_experts: int, top_k: int, seed: int = 0, vocab: int = VOCAB) -> Tensor:
@@ -87,19 +99,33 @@ def hash_table(num_experts: int, top_k: int, seed: int = 0, vocab: int = VOCAB) 
     return (base[:, None] + torch.arange(top_k)) % num_experts
 
 
-def balanced_hash_table(frequencies: Tensor, num_experts: int, top_k: int) -> Tensor:
+def balanced_hash_table(frequencies: Tensor, num_experts: int, top_k: int, seed: int = 0,
+                        slack: float = 0.01) -> Tensor:
     """[vocab, K] distinct experts per token id, balanced by token frequency (the paper's Balanced
-    Hash): ids in falling frequency each take the K experts with the least load so far."""
+    Hash) and spread over the C(E, K) expert sets.
+
+    Ids in falling frequency each take K experts drawn at random (seeded) among those whose load
+    stays within (1 + slack) of the final mean (fewer than K such: the K least loaded). Every expert
+    ends within that cap, and equal tokens per expert does not collapse the ids onto a few sets.
+    """
     if top_k > num_experts:
         raise ValueError(f"top_k {top_k} > num_experts {num_experts}")
-    load = [0.0] * num_experts
-    table = [[0] * top_k for _ in range(frequencies.numel())]
+    rng = random.Random(seed)
     freq = frequencies.double().tolist()
+    cap = (1 + slack) * top_k * sum(freq) / num_experts
+    load = [0.0] * num_experts
+    experts = range(num_experts)
+    table = [[0] * top_k for _ in freq]
     for v in torch.argsort(frequencies.double(), descending=True, stable=True).tolist():
-        chosen = sorted(range(num_experts), key=lambda e: (load[e], e))[:top_k]  # ties: lower id
-        table[v] = chosen
+        f = freq[v]
+        room = [e for e in experts if load[e] + f <= cap]
+        if len(room) >= top_k:
+            chosen = rng.sample(room, top_k)
+        else:
+            chosen = sorted(experts, key=lambda e: (load[e], rng.random()))[:top_k]
+        table[v] = sorted(chosen)
         for e in chosen:
-            load[e] += freq[v]
+            load[e] += f
     return torch.tensor(table, dtype=torch.int64).reshape(-1, top_k)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .config import BASELINES, GROUTER_RUNS, PAPER, PRESETS, RUNS, Config
 from .corpus import Corpus, load_corpus
-from .jobs import Context, grouter_dir, run_job, source_path
+from .jobs import Context, grouter_dir, hash_tables_summary, run_job, source_path
 from .subwords import build_token_corpus
 
 
@@ -147,13 +147,42 @@ def _throughput(ctx: Context, resume: bool) -> Dict:
     return speed
 
 
+def router_settings(cfg: Config) -> Dict[str, Dict]:
+    """The learned baselines' balancing terms as trained (the sources are learned_aux-style)."""
+    from .lm import AUX_LOSS_COEF, Z_LOSS_COEF
+
+    return dict(learned_aux=dict(aux_loss_coef=AUX_LOSS_COEF, aux_loss_coef_per_layer=AUX_LOSS_COEF / cfg.n_layers,
+                                 z_loss_coef=Z_LOSS_COEF, z_loss_coef_per_layer=Z_LOSS_COEF / cfg.n_layers,
+                                 note="coefficients on the mean over layers of each layer's term"),
+                learned_bias=dict(bias_update_rate=1e-3, note="sign rule once per step (SigmoidTopKRouter default)"),
+                lr=cfg.lr, lr_note="one learning rate for every run, chosen for none")
+
+
+def _commit() -> str:
+    """The grouter source's git commit (+ "-dirty" with uncommitted changes), or "unknown"."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "grouter"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def versions() -> Dict[str, str]:
     import numpy
 
     from .. import __version__
 
     v = dict(grouter=__version__, torch=torch.__version__, numpy=numpy.__version__, python=platform.python_version(),
-             machine=platform.machine(), cpus=str(os.cpu_count()))
+             machine=platform.machine(), cpus=str(os.cpu_count()), commit=_commit(),
+             # what the CPU numerics depend on beside the code: the same seed gives the same
+             # numbers on the same commit, torch and instruction set
+             numerics=f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}")
     for name in ("transformers", "tokenizers"):
         try:
             v[name] = __import__(name).__version__
@@ -209,7 +238,8 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
                                       seconds=sum(r["seconds"] for r in results))
     report = write_report(out_path, cfg=asdict(cfg), runs=runs, sources=sources, grouters=grouters, cost=cost,
                           tokenizer=tok_info, throughput=speed, versions=versions(), paper=PAPER, corpus=desc, jobs=jobs,
-                          wall_seconds=time.perf_counter() - t_start)
+                          wall_seconds=time.perf_counter() - t_start, hash_tables=hash_tables_summary(ctx),
+                          router_settings=router_settings(cfg), preset="quick" if quick else preset)
     _log(f"done in {time.perf_counter() - t_start:.0f} s: {out_path / 'report.md'}")
     return report
 

@@ -15,7 +15,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .corpus import Corpus, Windows
+from .corpus import Corpus, Windows, carve_dev
 
 CHUNK = 1 << 16  # characters per encode_batch item, cut at a line end
 
@@ -62,10 +62,11 @@ def encode(tok, text: str) -> np.ndarray:
 
 
 class TokenCorpus(Windows):
-    """The corpus as BPE token ids (train / validation), with the bytes each token stands for."""
+    """The corpus as BPE token ids (train / dev / validation), with the bytes each token stands for.
+    `train` (what runs train on) excludes dev (corpus.carve_dev)."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, bytes_per_token: torch.Tensor, description: str):
-        self.train = torch.from_numpy(train.astype(np.int64))
+        self.train, self.dev = carve_dev(torch.from_numpy(train.astype(np.int64)))
         self.val = torch.from_numpy(val.astype(np.int64))
         self.token_bytes = bytes_per_token
         self.vocab_size = int(bytes_per_token.numel())
@@ -78,7 +79,8 @@ class TokenCorpus(Windows):
     def summary(self) -> dict:
         tr = int(self.token_bytes[self.train].sum())
         return dict(kind="bpe", vocab_size=self.vocab_size, train_tokens=int(self.train.numel()),
-                    val_tokens=int(self.val.numel()), bytes_per_token=tr / max(1, self.train.numel()))
+                    dev_tokens=int(self.dev.numel()), val_tokens=int(self.val.numel()),
+                    bytes_per_token=tr / max(1, self.train.numel()))
 
 
 def build_token_corpus(corpus: Corpus, vocab_size: int, folder: Path, reuse: bool = True) -> TokenCorpus:

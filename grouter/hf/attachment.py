@@ -198,9 +198,10 @@ def save_attached(model: nn.Module, path: Union[str, Path], *args, **kwargs) -> 
         raise RuntimeError("grouter.hf: the model is not attached")
     path = Path(path)
     g = att.grouter
-    if g is not None and not hasattr(g, "save"):
-        raise TypeError(f"grouter.hf.save_pretrained: the attached router ({type(g).__name__}) cannot be saved; "
-                        "attach a grouter.Grouter")
+    if g is not None and not isinstance(g, Grouter):
+        raise TypeError(f"grouter.hf.save_pretrained: the attached router ({type(g).__name__}) is not saved with a "
+                        "model (grouter.hf.from_pretrained loads a Grouter); attach a grouter.Grouter, or save the "
+                        "router apart")
     model.config.grouter = dict(format=MARKER_FORMAT, path=GROUTER_DIR if g is not None else None,
                                 checksum=g.checksum() if g is not None else None)
     model.config.experts_implementation = "grouter"  # read back by transformers as the implementation to load

@@ -108,6 +108,18 @@ def test_set_routes_equals_the_attached_grouter():
         outside(input_ids=ids)
 
 
+def test_a_table_router_attaches_like_a_grouter(tmp_path):
+    # grouter export-table's table: each token routed by its id alone, as a hash-routing engine would
+    model, outside, g = pair()
+    table = grouter.TableRouter.from_routes(g, [torch.randint(0, VOCAB, (4, 16)) for _ in range(3)])
+    tabled = grouter.hf.attach(copy.deepcopy(grouter.hf.detach(model)), table)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    grouter.hf.set_routes(outside, *table.route(ids))
+    assert torch.equal(tabled(input_ids=ids).logits, outside(input_ids=ids).logits)
+    with pytest.raises(TypeError, match="not saved with a model"):
+        tabled.save_pretrained(tmp_path / "m")
+
+
 def test_set_routes_checks_its_input():
     _, outside, g = pair()
     ids = torch.randint(3, VOCAB, (2, 12))
