@@ -86,9 +86,9 @@ def test_leak_audit(report):
         if name in CONTEXT_FREE:  # a table reads no other token: nothing to leak
             continue
         run = report["runs"][name]
-        assert math.isfinite(run["leak_free_final_val_loss"])
+        assert math.isfinite(run["audit_prefix_only_val_loss"]) and run["audit_windows"] == 256 // 4
         if causal:  # prefix-only routes are its own routes
-            assert abs(run["leak_free_final_val_loss"] - run["final_val_loss"]) < 1e-4, name
+            assert abs(run["audit_prefix_only_val_loss"] - run["audit_own_val_loss"]) < 1e-4, name
 
 
 def test_splits_selection_on_dev_and_reporting_on_validation(report):
@@ -99,6 +99,11 @@ def test_splits_selection_on_dev_and_reporting_on_validation(report):
     assert "dev" in d["selected_on"] and "validation" in d["evaluated_on"]
     assert d["tuning_dev_max_vio"]["after"] <= d["tuning_dev_max_vio"]["before"]  # the best state, chosen on dev
     assert report["tokenizer"]["dev_tokens"] > 0
+    for run in report["runs"].values():
+        assert run["split"]["final_val_loss"] == "validation" and run["split"]["max_vio"] == "training"
+    assert all(c["split"] == "validation" for c in report["comparisons"])
+    assert d["heldout"]["split"] == d["tuning_heldout_max_vio"]["split"] == "validation"
+    assert d["tuning_dev_max_vio"]["split"] == "dev"
     assert len(report["versions"]["commit"]) >= 7 and "cpu" in report["versions"]["numerics"]
 
 

@@ -51,13 +51,14 @@ class Config:
     grouter_d_model: int = 128
     grouter_layers: int = 2
     grouter_heads: int = 4
-    eval_points: int = 6
+    eval_points: int = 4
+    audit_every: int = 4  # the leak audit scores every 4th validation window
     val_windows: int = 256
     heldout_windows: int = 64  # of the validation windows: distillation and tuning figures (reported only)
     dev_windows: int = 64  # of the dev split (carved from training data): what tuning selects its state on
     seeds: int = 3  # grouter, hash_balanced, learned_aux
     control_seeds: int = 2  # grouter_weak, grouter_random, grouter_bidirectional
-    other_seeds: int = 2  # learned_bias, hash
+    other_seeds: int = 1  # learned_bias, hash
 
     @property
     def tokens_per_step(self) -> int:

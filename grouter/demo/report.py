@@ -23,10 +23,13 @@ def summarize(results: List[Dict]) -> Dict:
                final_val_loss_per_seed=finals, seeds=len(results),
                tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in results),
                max_vio=statistics.fmean(r["max_vio"] for r in results),
-               per_seed=[{k: v for k, v in r.items() if k != "load"} for r in results], load=results[0]["load"])
-    if "leak_free_final_val_loss" in results[0]:
-        lf = [r["leak_free_final_val_loss"] for r in results]
-        out.update(leak_free_final_val_loss=statistics.fmean(lf), leak_free_final_val_loss_per_seed=lf)
+               per_seed=[{k: v for k, v in r.items() if k != "load"} for r in results], load=results[0]["load"],
+               split=dict(final_val_loss="validation", val_curve="validation", max_vio="training", load="training"))
+    if "audit_prefix_only_val_loss" in results[0]:
+        prefix = [r["audit_prefix_only_val_loss"] for r in results]
+        own = [r["audit_own_val_loss"] for r in results]
+        out.update(audit_prefix_only_val_loss=statistics.fmean(prefix), audit_own_val_loss=statistics.fmean(own),
+                   audit_prefix_only_val_loss_per_seed=prefix, audit_windows=results[0]["audit_windows"])
     return out
 
 
@@ -40,7 +43,7 @@ def comparisons(runs: Dict[str, List[Dict]]) -> List[Dict]:
     for b in runs:
         if b != "grouter":
             d = paired(_by_seed(runs["grouter"]), _by_seed(runs[b]))
-            out.append(dict(a="grouter", b=b, **d, verdict=verdict(d)))
+            out.append(dict(a="grouter", b=b, **d, verdict=verdict(d), split="validation"))
     return out
 
 
@@ -59,8 +62,8 @@ def leak_audit(runs: Dict[str, List[Dict]]) -> Dict:
                      "training and scoring together (the paper's encoder vs a Grouter generation can use)")
     prefix = {}
     for name in GROUTER_RUNS:
-        if name in runs and "leak_free_final_val_loss" in runs[name][0]:  # a table reads no other token
-            d = paired(_by_seed(runs[name], "leak_free_final_val_loss"), _by_seed(runs[name]))
+        if name in runs and "audit_prefix_only_val_loss" in runs[name][0]:  # a table reads no other token
+            d = paired(_by_seed(runs[name], "audit_prefix_only_val_loss"), _by_seed(runs[name], "audit_own_val_loss"))
             prefix[name] = dict(**d, measures=PREFIX_ONLY_MEASURES)
     out["prefix_only_minus_own"] = prefix
     return out
@@ -74,6 +77,7 @@ def utilisation(summary: Dict[str, Dict]) -> Dict[str, Dict]:
         if name in summary:
             u = data_utilization(summary[name], best, summary[best])
             u["best_baseline"] = True
+            u["split"] = "validation"
             if "learned_aux" in summary:
                 u["vs_learned_aux"] = data_utilization(summary[name], "learned_aux", summary["learned_aux"])
             out[name] = u
@@ -86,10 +90,12 @@ def distill_summary(grouters: Dict[str, List[Dict]]) -> Dict:
                for name, metas in grouters.items()}
     main = per_run.get("grouter", {})
     dev = [m["tune_dev_max_vio"] for m in grouters.get("grouter", []) if "tune_dev_max_vio" in m]
-    return dict(heldout={k: main.get(k) for k in ("kl_before", "kl_after", "topk_agreement_before", "topk_agreement")},
-                tuning_heldout_max_vio=dict(before=main.get("max_vio_folded"), after=main.get("max_vio_tuned")),
+    heldout = {k: main.get(k) for k in ("kl_before", "kl_after", "topk_agreement_before", "topk_agreement")}
+    return dict(heldout=dict(heldout, split="validation"),
+                tuning_heldout_max_vio=dict(before=main.get("max_vio_folded"), after=main.get("max_vio_tuned"),
+                                            split="validation"),
                 tuning_dev_max_vio=dict(before=statistics.fmean(d["before"] for d in dev),
-                                        after=statistics.fmean(d["after"] for d in dev)) if dev else None,
+                                        after=statistics.fmean(d["after"] for d in dev), split="dev") if dev else None,
                 per_run=per_run, evaluated_on="validation windows (read only to report; no stage trains or "
                                               "selects on them)",
                 selected_on="dev windows carved from the training stream (tuning keeps its best state by MaxVio "
@@ -99,7 +105,8 @@ def distill_summary(grouters: Dict[str, List[Dict]]) -> Dict:
 # Where each figure of report.json comes from. Validation is read only to report; every selection
 # the demo makes reads dev (carved from the training stream, never trained on).
 SPLITS = {
-    "runs.*.final_val_loss, val_curve, leak_free_final_val_loss, comparisons, data_utilization": "validation",
+    "runs.*.final_val_loss, val_curve, comparisons, data_utilization": "validation",
+    "leak_audit, runs.*.audit_*": "validation (every audit_every-th window)",
     "distill.heldout (KL to the source, top-k agreement)": "validation",
     "distill.tuning_heldout_max_vio (before and after tuning)": "validation",
     "distill.tuning_dev_max_vio (tuning's best-state selection)": "dev",
@@ -188,13 +195,14 @@ def _throughput_text(t: Dict) -> str:
 
 def _markdown(r: Dict) -> str:
     cfg, summary = r["config"], r["runs"]
-    rows = ["| run | seeds | final val loss (95% CI) | per seed | prefix-only routes | tokens/s | MaxVio | data "
+    rows = ["| run | seeds | final val loss (95% CI) | per seed | prefix-only - own routes | tokens/s | MaxVio | data "
             "utilisation vs best / vs learned_aux |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         ci = s["final_val_loss_ci95"]
         mean = f"{s['final_val_loss']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
         seeds = ", ".join(f"{v:.4f}" for v in s["final_val_loss_per_seed"])
-        lf = f"{s['leak_free_final_val_loss']:.4f}" if "leak_free_final_val_loss" in s else ""
+        lf = (f"{s['audit_prefix_only_val_loss'] - s['audit_own_val_loss']:+.4f}"
+              if "audit_prefix_only_val_loss" in s else "")
         u = r["data_utilization"].get(name)
         ut = f"{_util_text(u)} / {_util_text(u['vs_learned_aux'])}" if u and "vs_learned_aux" in u else ""
         rows.append(f"| {name} | {s['seeds']} | {mean} | {seeds} | {lf} | {s['tokens_per_s']:,.0f} | "

@@ -53,6 +53,14 @@ def tables(report: Dict) -> str:
     comps = "; ".join(f"{c['b']} {c['mean_diff']:+.3f} {_signed(c['ci95'])}" for c in report["comparisons"]
                       if c["mean_diff"] is not None)
     lines += ["", f"Paired differences `grouter` − X (same seeds), 95% CI: {comps}."]
+    audit = report["leak_audit"]
+    prefix = audit.get("prefix_only_minus_own", {})
+    parts = [f"{n} {a['mean_diff']:+.4f}" for n, a in prefix.items() if a.get("mean_diff") is not None]
+    bd = audit.get("bidirectional_vs_causal")
+    if parts:
+        lines += ["", "Leak audit, prefix-only routes − own routes on every 4th validation window: "
+                  + "; ".join(parts) + (f". grouter_bidirectional − grouter: {bd['mean_diff']:+.3f} "
+                                        f"{_signed(bd['ci95'])}." if bd else ".")]
     d = report["distill"]
     dev = d.get("tuning_dev_max_vio") or {}
     tun = d["tuning_heldout_max_vio"]
