@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 BASELINES = ("learned_aux", "learned_bias", "hash", "hash_balanced")
 # Grouter runs: (source the Grouter is distilled from, causal). "random": no source, random weights.
@@ -42,8 +42,8 @@ class Config:
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 3e-3
-    target_tokens: int = 320_000
-    source_tokens: int = 1_600_000  # the strong source; the weak one gets target_tokens
+    target_tokens: int = 240_000
+    source_tokens: int = 1_200_000  # the strong source (5x); the weak one gets target_tokens
     distill_steps: int = 200
     distill_batches: int = 32
     tune_steps: int = 100
@@ -57,8 +57,11 @@ class Config:
     heldout_windows: int = 64  # of the validation windows: distillation and tuning figures (reported only)
     dev_windows: int = 64  # of the dev split (carved from training data): what tuning selects its state on
     seeds: int = 3  # grouter, hash_balanced, learned_aux
-    control_seeds: int = 2  # grouter_weak, grouter_random, grouter_bidirectional
-    other_seeds: int = 1  # learned_bias, hash
+    control_seeds: int = 2  # grouter_table, grouter_weak, grouter_random, grouter_bidirectional
+    other_seeds: int = 1  # hash
+    # learned_bias (0: not run): its sign-rule bias moves 1e-3 a step, too little to balance within
+    # a run's budget (MaxVio 1.5-1.9 at the end); out of the default until its rate is chosen on dev
+    bias_seeds: int = 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -69,7 +72,14 @@ class Config:
         return max(1, self.target_tokens // self.tokens_per_step)
 
     def seeds_of(self, run: str) -> int:
+        if run == "learned_bias":
+            return self.bias_seeds
         return self.seeds if run in MAIN_RUNS else self.control_seeds if run in CONTROLS else self.other_seeds
+
+    @property
+    def runs(self) -> Tuple[str, ...]:
+        """The runs this configuration trains (those with seeds)."""
+        return tuple(r for r in RUNS if self.seeds_of(r) > 0)
 
 
 PRESETS: Dict[str, Config] = {

@@ -3,7 +3,7 @@
 BPE tokens -> a strong source MoE LM (5x a target run's tokens) and a weak one (one run's tokens)
 -> per seed, Grouters distilled from them (and a random one), folded to the target's experts,
 tuned, their training routes pre-dispatched -> target MoE LMs with identical architecture,
-initialisation, data order and budget per seed (config.RUNS) -> leak audit -> report with paired
+initialisation, data order and budget per seed (Config.runs) -> leak audit -> report with paired
 confidence intervals. Jobs run two at a time on a 2-core machine, in dependency order, the
 longest chain (the strong source, its Grouters, their runs) first.
 """
@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .config import BASELINES, GROUTER_RUNS, PAPER, PRESETS, RUNS, Config
+from .config import BASELINES, GROUTER_RUNS, PAPER, PRESETS, Config
 from .corpus import Corpus, load_corpus
 from .jobs import Context, grouter_dir, hash_tables_summary, run_job, source_path
 from .subwords import build_token_corpus
@@ -48,7 +48,7 @@ def plan_jobs(ctx: Context) -> List[Job]:
     cfg, st = ctx.config, ctx.stages
     sources = [Job("source", (w,), (), source_path(ctx, w)) for w in ("strong", "weak")]
     grouters, grouter_runs, baselines = [], [], []
-    for name in RUNS:
+    for name in cfg.runs:
         for seed in range(cfg.seeds_of(name)):
             run_out = st / f"run_{name}_s{seed}.json"
             if name in GROUTER_RUNS:
@@ -110,7 +110,7 @@ def _stage_costs(sources: Dict[str, Dict], grouters: Dict[str, List[Dict]]) -> D
     return cost
 
 
-SEED_COUNTS = ("seeds", "control_seeds", "other_seeds")
+SEED_COUNTS = ("seeds", "control_seeds", "other_seeds", "bias_seeds")
 
 
 def _check_config(ctx: Context, resume: bool) -> None:
@@ -228,9 +228,9 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
     speed = _throughput(ctx, resume)
 
     runs = {name: [json.loads((ctx.stages / f"run_{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
-            for name in RUNS}
+            for name in cfg.runs}
     grouters = {name: [json.loads((ctx.stages / f"{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
-                for name in GROUTER_RUNS}
+                for name in GROUTER_RUNS if name in cfg.runs}
     sources = {w: torch.load(source_path(ctx, w), weights_only=False)["result"] for w in ("strong", "weak")}
     cost = dict(tokenizer=dict(tokens=0, seconds=tok_seconds), **_stage_costs(sources, grouters))
     for name, results in runs.items():
