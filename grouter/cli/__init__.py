@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grouter_demo", help="output folder")
     p.add_argument("--corpus", default=None, help="a text file or folder instead of the embedded corpus")
     p.add_argument("--preset", default="default", choices=["default", "quick", "fine", "gpu"],
-                   help="default (about 18 minutes on 2 cores), quick, fine (64 experts top-8 folded to 32), gpu (a "
+                   help="default (15-19 minutes on 2 cores), quick, fine (64 experts top-8 folded to 32), gpu (a "
                    "larger model for one GPU, with --device cuda)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds of grouter, hash_balanced and learned_aux "
                    "(default: 3; quick 2); the controls keep theirs")
