@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--preset quick")
     p.add_argument("--out", default="grouter_demo", help="output folder")
     p.add_argument("--corpus", default=None, help="a text file or folder instead of the embedded corpus")
-    p.add_argument("--preset", default="default", choices=["default", "quick", "fine", "gpu"],
-                   help="default (15-19 minutes on 2 cores), quick, fine (64 experts top-8 folded to 32), gpu (a "
-                   "larger model for one GPU, with --device cuda)")
+    p.add_argument("--preset", default="default", choices=["default", "quick", "fine", "study", "gpu"],
+                   help="default (15-19 minutes on 2 cores), quick, fine (64 experts top-8 folded to 32), study (the "
+                   "decisive experiment: baselines at 1x/2x/4x with tuned learning rates, a source per seed, a "
+                   "domain shift; about an hour on 2 cores, resumable), gpu (a larger model for one GPU, with "
+                   "--device cuda)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds of grouter, hash_balanced and learned_aux "
                    "(default: 3; quick 2); the controls keep theirs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")

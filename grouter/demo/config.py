@@ -19,6 +19,13 @@ GROUTER_RUNS = {
 # distribution, so it is a token id -> experts table: exported as one (grouter.TableRouter) and the
 # target trains on the table's lookups. grouter - grouter_table is what context adds.
 CONTEXT_FREE = {"grouter_table"}
+# The study's domain shift: Grouters that route targets trained on code, by the kind of their
+# source and the domain their expert tuning reads: (source, tuned on).
+DOMAIN_GROUTERS = {
+    "grouter_prose": ("prose", "prose"),  # as made on prose, never shown code
+    "grouter_prose_tuned": ("prose", "code"),  # distilled on prose, its last projection tuned on code
+    "grouter_code": ("code", "code"),  # the in-domain reference
+}
 RUNS = BASELINES + tuple(GROUTER_RUNS)
 ROUTERS = {"learned_aux": "softmax", "learned_bias": "sigmoid"}
 MAIN_RUNS = ("grouter", "hash_balanced", "learned_aux")  # Config.seeds each
@@ -91,6 +98,9 @@ PRESETS: Dict[str, Config] = {
                     heldout_windows=16, dev_windows=16, seeds=2, control_seeds=2),
     # The paper's fine-grained regime: many small experts, top-8, folded 64 -> 32.
     "fine": Config(d_expert=32, source_experts=64, target_experts=32, top_k=8),
+    # The decisive study (study.py): about an hour on 2 cores. 1x = 80 steps, so that baselines at 2x and
+    # 4x and nine independent sources fit; 3 seeds of everything.
+    "study": Config(target_tokens=163_840, source_tokens=819_200, seeds=3, control_seeds=3, other_seeds=3),
     # One lent GPU, about 10 minutes: a wider, deeper model on more tokens.
     "gpu": Config(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_expert=512, source_experts=32,
                   target_experts=16, seq_len=256, batch_size=32, lr=1e-3, target_tokens=8_000_000,

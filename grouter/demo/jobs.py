@@ -20,11 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import CONTEXT_FREE, GROUTER_RUNS, ROUTERS, Config
+from .config import CONTEXT_FREE, DOMAIN_GROUTERS, GROUTER_RUNS, ROUTERS, Config
 from .corpus import Corpus, load_corpus
-from .subwords import TokenCorpus, build_token_corpus
+from .domains import DOMAINS
+from .subwords import TokenCorpus, build_token_corpus, load_token_corpus
 
-SOURCE_SEEDS = {"strong": 1000, "weak": 1001}  # data order and weights of the two sources
+SOURCE_SEEDS = {"strong": 1000, "weak": 1001, "prose": 1100, "code": 1200}  # data order and weights of sources
+
+
+def source_seed(which: str) -> int:
+    """A source's seed: "strong", "weak", or the study's "<kind>_s<k>" (one independent source per seed)."""
+    kind, _, k = which.partition("_s")
+    return SOURCE_SEEDS[kind] + 10 * int(k or 0)
+
+
+def source_domain(which: str) -> Optional[str]:
+    """The domain a source trains on (None: the main corpus)."""
+    kind = which.partition("_s")[0]
+    return kind if kind in DOMAINS else None
 
 
 @dataclass(frozen=True)
@@ -36,10 +49,11 @@ class Context:
     corpus_path: Optional[str]
     device: str
     progress: bool
+    study: bool = False  # the study: every Grouter seed distilled from its own source
 
     @classmethod
-    def make(cls, out, cfg: Config, corpus_path, device, progress) -> "Context":
-        return cls(str(out), tuple(asdict(cfg).items()), corpus_path, device, progress)
+    def make(cls, out, cfg: Config, corpus_path, device, progress, study: bool = False) -> "Context":
+        return cls(str(out), tuple(asdict(cfg).items()), corpus_path, device, progress, study)
 
     @property
     def config(self) -> Config:
@@ -50,10 +64,13 @@ class Context:
         return Path(self.out) / "stages"
 
 
-@functools.lru_cache(maxsize=2)
-def token_corpus(ctx: Context) -> TokenCorpus:
-    """The corpus as BPE tokens (built once by the first caller, read back by the others)."""
+@functools.lru_cache(maxsize=6)
+def token_corpus(ctx: Context, domain: Optional[str] = None) -> TokenCorpus:
+    """The corpus (or one of the study's domains) as BPE tokens: built by the main process before
+    any job runs, read back by the jobs."""
     cfg = ctx.config
+    if domain is not None:
+        return load_token_corpus(ctx.stages / f"tokens_{domain}")
     data, desc = load_corpus(ctx.corpus_path)
     return build_token_corpus(Corpus(data, desc, max_bytes=cfg.corpus_bytes), cfg.vocab_size, ctx.stages / "tokens")
 
@@ -65,13 +82,15 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
 Routes = Tuple[Tensor, Tensor]
 
 
-def new_model(cfg: Config, corpus: TokenCorpus, num_experts: int, seed: int, router: Optional[str], device: str):
-    """A target-shaped MoE LM of `seed` (the same weights for every routing) and its optimizer."""
+def new_model(cfg: Config, corpus: TokenCorpus, num_experts: int, seed: int, router: Optional[str], device: str,
+              lr: Optional[float] = None):
+    """A target-shaped MoE LM of `seed` (the same weights for every routing) and its optimizer
+    (learning rate `lr`, default cfg.lr)."""
     from .lm import MoELM
 
     model = MoELM(cfg.d_model, cfg.n_layers, cfg.n_heads, num_experts, cfg.top_k, cfg.d_expert, seed, router,
                   vocab=corpus.vocab_size).to(device)
-    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr if lr is None else lr, weight_decay=0.01)
 
 
 def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[[int, Tensor], Routes]],
@@ -95,12 +114,14 @@ def train_step(model, opt, x: Tensor, step: int, step_routes: Optional[Callable[
 
 def train_lm(cfg: Config, corpus: TokenCorpus, name: str, seed: int, tokens: int, num_experts: int,
              router: Optional[str] = None, step_routes: Optional[Callable[[int, Tensor], Routes]] = None,
-             val_routes: Optional[List[Routes]] = None, device: str = "cpu", progress: bool = True) -> Dict:
-    """Train one MoE LM on `tokens` tokens; returns its validation curve (nats per byte), throughput,
-    routing balance (and the model). step_routes(step, x) gives a fixed routing's routes of a step."""
+             val_routes: Optional[List[Routes]] = None, device: str = "cpu", progress: bool = True,
+             lr: Optional[float] = None) -> Dict:
+    """Train one MoE LM on `tokens` tokens (its own cosine schedule over them); returns its
+    validation curve (nats per byte), throughput, routing balance (and the model).
+    step_routes(step, x) gives a fixed routing's routes of a step."""
     from .lm import evaluate, routing_summary
 
-    model, opt = new_model(cfg, corpus, num_experts, seed, router, device)
+    model, opt = new_model(cfg, corpus, num_experts, seed, router, device, lr)
     steps = max(1, tokens // cfg.tokens_per_step)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
@@ -143,17 +164,17 @@ def load_source(ctx: Context, which: str):
 
     cfg, state = ctx.config, torch.load(source_path(ctx, which), weights_only=False)
     model = MoELM(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.source_experts, cfg.top_k, cfg.d_expert,
-                  SOURCE_SEEDS[which], "softmax", vocab=cfg.vocab_size)
+                  source_seed(which), "softmax", vocab=cfg.vocab_size)
     model.load_state_dict(state["model"])
     return model.to(ctx.device).eval(), state["result"]
 
 
 def make_source(ctx: Context, which: str) -> Dict:
     """A source MoE LM (learned softmax router + aux loss): "strong" on source_tokens, "weak" on a
-    target run's budget."""
-    cfg, corpus = ctx.config, token_corpus(ctx)
-    tokens = cfg.source_tokens if which == "strong" else cfg.target_tokens
-    run = train_lm(cfg, corpus, f"source_{which}", SOURCE_SEEDS[which], tokens, cfg.source_experts,
+    target run's budget; the study's prose and code sources on source_tokens of their domain."""
+    cfg, corpus = ctx.config, token_corpus(ctx, source_domain(which))
+    tokens = cfg.target_tokens if which == "weak" else cfg.source_tokens
+    run = train_lm(cfg, corpus, f"source_{which}", source_seed(which), tokens, cfg.source_experts,
                    router="softmax", device=ctx.device, progress=ctx.progress)
     r = run["result"]
     torch.save(dict(result=r, model=run["model"].state_dict()), source_path(ctx, which))
@@ -167,27 +188,51 @@ def grouter_dir(ctx: Context, run: str, seed: int) -> Path:
     return ctx.stages / f"{run}_s{seed}"
 
 
+@dataclass(frozen=True)
+class GrouterSpec:
+    """Where one seed's Grouter comes from and which data each stage reads (None: the main corpus)."""
+
+    source: str  # a source name (source_path), or "random"
+    causal: bool
+    distill_on: Optional[str] = None  # distillation and the affinity
+    tune_on: Optional[str] = None  # expert tuning, and the dev windows it selects on
+    target_on: Optional[str] = None  # the target runs it routes: pre-dispatch and the reported figures
+
+
+def grouter_spec(ctx: Context, run: str, seed: int) -> GrouterSpec:
+    if run in DOMAIN_GROUTERS:
+        kind, tune_on = DOMAIN_GROUTERS[run]
+        return GrouterSpec(f"{kind}_s{seed}", True, kind, tune_on, "code")
+    which, causal = GROUTER_RUNS[run]
+    if ctx.study and which == "strong":
+        which = f"strong_s{seed}"
+    return GrouterSpec(which, causal)
+
+
 def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     """The Grouter of one seed of a Grouter run: distilled from its source (or left random), folded
     to the target's experts by affinity, tuned, and the seed's training routes pre-dispatched."""
     from ..nn import fold_groups
     from ..router import Grouter, affinity, distill, fold, heldout_metrics, predispatch, teacher_logits, tune
 
-    cfg, corpus = ctx.config, token_corpus(ctx)
-    which, causal = GROUTER_RUNS[run]
+    cfg, spec = ctx.config, grouter_spec(ctx, run, seed)
+    which, causal = spec.source, spec.causal
+    corpus, tune_corpus = token_corpus(ctx, spec.distill_on), token_corpus(ctx, spec.tune_on)
+    target = token_corpus(ctx, spec.target_on)
     S, B = cfg.seq_len, cfg.batch_size
     batches = [next(corpus.train_batches(10_000 + 100 * seed + i, B, S)) for i in range(cfg.distill_batches)]
-    tune_batches = [next(corpus.train_batches(20_000 + 100 * seed + i, B, S)) for i in range(cfg.tune_batches)]
-    held = corpus.val_windows(cfg.heldout_windows, S).to(ctx.device)  # read only to report
+    tune_batches = [next(tune_corpus.train_batches(20_000 + 100 * seed + i, B, S)) for i in range(cfg.tune_batches)]
+    held = target.val_windows(cfg.heldout_windows, S).to(ctx.device)  # read only to report
     held_batches = list(held.split(B))
-    dev_batches = list(corpus.dev_windows(cfg.dev_windows, S).to(ctx.device).split(B))  # what tuning selects on
+    dev_batches = list(tune_corpus.dev_windows(cfg.dev_windows, S).to(ctx.device).split(B))  # tuning selects on these
     torch.manual_seed(5000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bidirectional warning: that leak is what the audit measures
         g = Grouter(cfg.vocab_size, cfg.source_experts, cfg.top_k, d_model=cfg.grouter_d_model,
                     n_layers=0 if run in CONTEXT_FREE else cfg.grouter_layers, n_heads=cfg.grouter_heads,
                     causal=causal, source=f"demo {which} source MoE, layer 0").to(ctx.device)
-    meta: Dict = dict(run=run, seed=seed, source=which, causal=causal)
+    meta: Dict = dict(run=run, seed=seed, source=which, causal=causal, distilled_on=spec.distill_on or "main",
+                      tuned_on=spec.tune_on or "main", routes=spec.target_on or "main")
     t0 = time.perf_counter()
     if which != "random":
         source, _ = load_source(ctx, which)
@@ -220,7 +265,7 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
                     f"exported; validation MaxVio {meta['max_vio_folded']:.2f} -> {meta['max_vio_tuned']:.2f}")
     # The target run of this seed reads these routes instead of running the Grouter every step.
     t0 = time.perf_counter()
-    data = corpus.train_batches(seed, B, S)
+    data = target.train_batches(seed, B, S)
     samples = torch.cat([next(data) for _ in range(cfg.target_steps)])
     predispatch(folded.eval(), samples, folder / "routes", batch_size=4 * B, progress=ctx.progress)
     meta["predispatch_seconds"] = time.perf_counter() - t0
@@ -270,13 +315,13 @@ def _predispatched(reader, batch: int) -> Callable[[int, Tensor], Routes]:
     return step_routes
 
 
-def routing_of(ctx: Context, name: str, seed: int):
+def routing_of(ctx: Context, name: str, seed: int, domain: Optional[str] = None):
     """(step_routes, route, Grouter) of a target run; all None for a learned router. A Grouter run's
     training routes are read from its pre-dispatch folder; `route` routes any batch (validation)."""
     from ..router import Grouter, PredispatchReader
     from .lm import balanced_hash_table, grouter_router, hash_table, table_router
 
-    cfg, corpus = ctx.config, token_corpus(ctx)
+    cfg, corpus = ctx.config, token_corpus(ctx, domain)
     E, K = cfg.target_experts, cfg.top_k
     if name == "hash":
         route = table_router(hash_table(E, K, vocab=corpus.vocab_size))
@@ -287,7 +332,7 @@ def routing_of(ctx: Context, name: str, seed: int):
 
         table = TableRouter.load(grouter_dir(ctx, name, seed) / "table.safetensors", map_location=ctx.device)
         route = _table_route(table)
-    elif name in GROUTER_RUNS:
+    elif name in GROUTER_RUNS or name in DOMAIN_GROUTERS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = Grouter.load(grouter_dir(ctx, name, seed), map_location=ctx.device).eval()
@@ -323,19 +368,33 @@ def _table_route(table):
     return route
 
 
-def run_target(ctx: Context, name: str, seed: int) -> Dict:
-    """One target run: the seed's model, data order and budget, routed as `name` says."""
+def run_file(ctx: Context, name: str, seed: int, multiple: int = 1, lr: Optional[float] = None,
+             domain: Optional[str] = None) -> Path:
+    tag = (f"_{domain}" if domain else "") + (f"_x{multiple}" if multiple != 1 else "") + \
+        (f"_lr{lr:g}" if lr is not None else "")
+    return ctx.stages / f"run_{name}{tag}_s{seed}.json"
+
+
+def run_target(ctx: Context, name: str, seed: int, multiple: int = 1, lr: Optional[float] = None,
+               domain: Optional[str] = None) -> Dict:
+    """One target run: the seed's model, data order and budget (`multiple` x target_tokens, its own
+    cosine schedule), routed as `name` says, at learning rate `lr` (None: cfg.lr), on the main
+    corpus or a study domain. Its final loss is read on validation (reported) and dev (what a
+    selection may read)."""
     from .lm import EVAL_BATCH, evaluate, leak_free_routes
 
-    cfg, corpus, device = ctx.config, token_corpus(ctx), ctx.device
+    cfg, corpus, device = ctx.config, token_corpus(ctx, domain), ctx.device
     val = corpus.val_windows(cfg.val_windows, cfg.seq_len).to(device)
-    val_batches = list(val.split(EVAL_BATCH))  # as evaluate() batches them
-    step_routes, route, g = routing_of(ctx, name, seed)
+    dev = corpus.dev_windows(cfg.dev_windows, cfg.seq_len).to(device)
+    step_routes, route, g = routing_of(ctx, name, seed, domain)
     with torch.no_grad():
-        val_routes = [route(x) for x in val_batches] if route is not None else None
-    run = train_lm(cfg, corpus, name, seed, cfg.target_tokens, cfg.target_experts, router=ROUTERS.get(name), step_routes=step_routes,
-                   val_routes=val_routes, device=device, progress=ctx.progress)
+        val_routes = [route(x) for x in val.split(EVAL_BATCH)] if route is not None else None  # as evaluate() batches
+        dev_routes = [route(x) for x in dev.split(EVAL_BATCH)] if route is not None else None
+    run = train_lm(cfg, corpus, name, seed, cfg.target_tokens * multiple, cfg.target_experts, router=ROUTERS.get(name),
+                   step_routes=step_routes, val_routes=val_routes, device=device, progress=ctx.progress, lr=lr)
     result = run["result"]
+    result.update(multiple=multiple, lr=cfg.lr if lr is None else lr, domain=domain or "main",
+                  final_dev_loss=evaluate(run["model"], dev, corpus.token_bytes, routes=dev_routes))
     if g is not None:  # the leak audit: routes an autoregressive model could compute
         # On every `audit_every`-th validation window: a bidirectional Grouter reroutes each prefix
         # (S passes per window), the cost that keeps the audit to a subset. Own routes are scored
@@ -348,7 +407,7 @@ def run_target(ctx: Context, name: str, seed: int) -> Dict:
         result.update(audit_windows=int(audit.shape[0]),
                       audit_own_val_loss=evaluate(run["model"], audit, corpus.token_bytes, routes=own),
                       audit_prefix_only_val_loss=evaluate(run["model"], audit, corpus.token_bytes, routes=prefix))
-    (ctx.stages / f"run_{name}_s{seed}.json").write_text(json.dumps(result))
+    run_file(ctx, name, seed, multiple, lr, domain).write_text(json.dumps(result))
     extra = (f", on {result['audit_windows']} windows prefix-only routes {result['audit_prefix_only_val_loss']:.4f} "
              f"vs own {result['audit_own_val_loss']:.4f}" if g is not None else "")
     return dict(result, summary=f"{name} s{seed}: val {result['final_val_loss']:.4f} nats/byte{extra}, "

@@ -62,8 +62,9 @@ def plan_jobs(ctx: Context) -> List[Job]:
     return sources + sorted(grouters, key=strong_first) + sorted(grouter_runs, key=strong_first) + baselines
 
 
-def run_jobs(ctx: Context, jobs: List[Job], workers: int, resume: bool) -> Dict[str, Dict]:
-    """Run jobs whose dependencies are done, `workers` at a time (in this process when 1)."""
+def run_jobs(ctx: Context, jobs: List[Job], workers: int, resume: bool, runner=run_job) -> Dict[str, Dict]:
+    """Run jobs whose dependencies are done, `workers` at a time (in this process when 1), each by
+    runner(ctx, kind, *args, threads=...)."""
     done = {j.key for j in jobs if resume and j.output.exists()}
     if done:
         _log(f"resumed: {len(done)} of {len(jobs)} jobs already done")
@@ -81,7 +82,7 @@ def run_jobs(ctx: Context, jobs: List[Job], workers: int, resume: bool) -> Dict[
     if workers <= 1:
         while (job := ready()) is not None:
             todo.remove(job)
-            finish(job, run_job(ctx, job.kind, *job.args))
+            finish(job, runner(ctx, job.kind, *job.args))
         return results
     import multiprocessing as mp
 
@@ -91,7 +92,7 @@ def run_jobs(ctx: Context, jobs: List[Job], workers: int, resume: bool) -> Dict[
         while todo or running:
             while len(running) < workers and (job := ready()) is not None:
                 todo.remove(job)
-                running[pool.submit(run_job, worker_ctx, job.kind, *job.args, threads=1)] = job
+                running[pool.submit(runner, worker_ctx, job.kind, *job.args, threads=1)] = job
             if not running:
                 raise RuntimeError(f"demo jobs wait on jobs that never ran: {[j.key for j in todo]}")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -119,6 +120,8 @@ def _check_config(ctx: Context, resume: bool) -> None:
     ctx.stages.mkdir(parents=True, exist_ok=True)
     path = ctx.stages / "config.json"
     mine = dict(config={k: v for k, v in ctx.cfg if k not in SEED_COUNTS}, corpus=ctx.corpus_path, device=ctx.device)
+    if ctx.study:
+        mine["study"] = True
     if resume and path.exists():
         theirs = json.loads(path.read_text())
         if theirs != mine:
@@ -209,7 +212,8 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
     if jobs is None:
         jobs = 2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1
     out_path = Path(out)
-    ctx = Context.make(out_path, cfg, corpus, device, progress)
+    study = preset == "study" and not quick
+    ctx = Context.make(out_path, cfg, corpus, device, progress, study=study)
     _check_config(ctx, resume)
     _log(f"writing to {out_path}; preset {'quick' if quick else preset}, seeds {cfg.seeds} "
          f"(controls {cfg.control_seeds}), device {device}, {jobs} job(s) at a time")
@@ -224,6 +228,8 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
          f"MB validation; BPE {cfg.vocab_size}: {tok_info['train_tokens']:,} train tokens "
          f"({tok_info['bytes_per_token']:.2f} bytes/token), {tok_seconds:.0f} s")
 
+    if study:
+        return _run_study(ctx, jobs, resume, tok_info, desc, t_start)
     run_jobs(ctx, plan_jobs(ctx), jobs, resume)
     speed = _throughput(ctx, resume)
 
@@ -241,6 +247,28 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
                           wall_seconds=time.perf_counter() - t_start, hash_tables=hash_tables_summary(ctx),
                           router_settings=router_settings(cfg), preset="quick" if quick else preset)
     _log(f"done in {time.perf_counter() - t_start:.0f} s: {out_path / 'report.md'}")
+    return report
+
+
+def _run_study(ctx: Context, jobs: int, resume: bool, tok_info: Dict, corpus: str, t_start: float) -> Dict:
+    """The study's jobs and report (study.py). Its wall time adds up over resumed invocations."""
+    from .study import markdown, plan, prepare_domains, run_study_job, study_report
+
+    domains = prepare_domains(ctx, resume)
+    _log("domains: " + "; ".join(f"{d} {v['train_tokens']:,} train tokens" for d, v in domains.items()))
+    run_jobs(ctx, plan(ctx, Job), jobs, resume, runner=run_study_job)
+    walls_path = ctx.stages / "wall_seconds.json"
+    walls = json.loads(walls_path.read_text()) if resume and walls_path.exists() else []
+    walls.append(time.perf_counter() - t_start)
+    walls_path.write_text(json.dumps(walls))
+    cfg = asdict(ctx.config)
+    report = dict(study=study_report(ctx), config=cfg, preset="study", corpus=corpus, tokenizer=tok_info,
+                  domains=domains, versions=versions(), jobs=jobs, wall_seconds=sum(walls), invocations=walls,
+                  paper=PAPER, router_settings=router_settings(ctx.config))
+    out = Path(ctx.out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report["study"], cfg))
+    _log(f"done in {sum(walls):.0f} s over {len(walls)} invocation(s): {out / 'report.md'}")
     return report
 
 

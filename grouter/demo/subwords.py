@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -83,19 +83,28 @@ class TokenCorpus(Windows):
                     bytes_per_token=tr / max(1, self.train.numel()))
 
 
-def build_token_corpus(corpus: Corpus, vocab_size: int, folder: Path, reuse: bool = True) -> TokenCorpus:
+def build_token_corpus(corpus: Corpus, vocab_size: int, folder: Path, reuse: bool = True,
+                       tokenizer: Optional[Path] = None) -> TokenCorpus:
     """Train the BPE on corpus's training split and encode both splits, or (reuse) read back what
-    `folder` holds for the same corpus and vocabulary."""
+    `folder` holds for the same corpus and vocabulary. tokenizer: encode with this saved BPE instead
+    of training one (another corpus in the same vocabulary)."""
     folder = Path(folder)
     meta_path = folder / "tokens.json"
     key = dict(vocab_size=vocab_size, corpus=corpus.description, train_bytes=int(corpus.train_bytes.size),
-               val_bytes=int(corpus.val_bytes.size))
+               val_bytes=int(corpus.val_bytes.size), tokenizer=None if tokenizer is None else str(tokenizer))
     if reuse and meta_path.exists() and json.loads(meta_path.read_text()) == key:
         return load_token_corpus(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     train_text = _text(corpus.train_bytes)
-    tok = train_bpe(train_text, vocab_size)
+    if tokenizer is None:
+        tok = train_bpe(train_text, vocab_size)
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
+        if tok.get_vocab_size() != vocab_size:
+            raise ValueError(f"{tokenizer} has {tok.get_vocab_size()} tokens, not {vocab_size}")
     train, val = encode(tok, train_text), encode(tok, _text(corpus.val_bytes))
     tok.save(str(folder / "tokenizer.json"))
     np.save(folder / "train.npy", train)
