@@ -159,3 +159,20 @@ def test_readme_demo_tables_come_from_the_committed_report_of_todays_default():
     assert readme.count(BEGIN) == 1 and readme.count(END) == 1
     block = readme.split(BEGIN)[1].split(END)[0].strip()
     assert block == tables(report), "regenerate: python -m grouter.demo.tables demo_results/default/report.json"
+
+
+def test_readme_study_tables_come_from_the_committed_study_report():
+    # The study (about an hour, not run in CI) is committed once per numerics: its configuration is
+    # today's study preset and the README holds exactly its answers and tables.
+    from dataclasses import asdict
+
+    from grouter.demo.tables import STUDY_BEGIN, STUDY_END, tables
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "demo_results" / "study" / "report.json").read_text())
+    assert report["preset"] == "study"
+    assert report["config"] == asdict(PRESETS["study"]), "rerun `grouter demo --preset study` and commit its report"
+    readme = (root / "README.md").read_text()
+    assert readme.count(STUDY_BEGIN) == 1 and readme.count(STUDY_END) == 1
+    block = readme.split(STUDY_BEGIN)[1].split(STUDY_END)[0].strip()
+    assert block == tables(report), "regenerate: python -m grouter.demo.tables demo_results/study/report.json"

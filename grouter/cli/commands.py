@@ -117,16 +117,9 @@ def _check_fewer(g, args) -> None:
         raise ValueError(f"--top-k {args.top_k}: more than --experts {args.experts}")
 
 
-def _held_max_vio(g, held, args) -> float:
-    from ..nn import max_vio
-
-    return max_vio(torch.cat([g.route(b.to(args.device))[0].reshape(-1, g.top_k).cpu()
-                              for b in batches(held, args.batch_size)]), g.num_experts)
-
-
 def cmd_fold(args) -> None:
     from ..nn import fold_groups
-    from ..router import affinity, fold
+    from ..router import affinity, fold, routed_max_vio
 
     g, out = _grouter_step(args)
     _check_fewer(g, args)
@@ -134,7 +127,7 @@ def cmd_fold(args) -> None:
     groups = fold_groups(affinity(g, batches(train, args.batch_size)), args.experts, strategy=args.strategy,
                          seed=args.seed)
     folded = fold(g, groups, top_k=args.top_k)
-    vio = _held_max_vio(folded, held, args)
+    vio = routed_max_vio(folded, batches(held, args.batch_size))
     folded.save(out)
     _report(out, "fold", dict(samples=int(held.shape[0]), unit=unit, max_vio=vio), groups=groups.tolist(),
             strategy=args.strategy, seed=args.seed, affinity_samples=int(train.shape[0]))
@@ -143,7 +136,7 @@ def cmd_fold(args) -> None:
 
 
 def cmd_expand(args) -> None:
-    from ..router import expand
+    from ..router import expand, routed_max_vio
 
     g, out = _grouter_step(args)
     if args.experts < g.num_experts:
@@ -151,7 +144,7 @@ def cmd_expand(args) -> None:
                          "`grouter fold` makes fewer")
     train, held, unit = split(args, documents(args, g.vocab_size))
     grown = expand(g, args.experts, batches(train, args.batch_size), seed=args.seed)
-    vio = _held_max_vio(grown, held, args)
+    vio = routed_max_vio(grown, batches(held, args.batch_size))
     grown.save(out)
     _report(out, "expand", dict(samples=int(held.shape[0]), unit=unit, max_vio=vio), seed=args.seed,
             load_samples=int(train.shape[0]))
@@ -159,22 +152,34 @@ def cmd_expand(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from ..router import tune
+    from ..router import routed_max_vio, tune
 
     g, out = _grouter_step(args)
     train, held, unit = split(args, documents(args, g.vocab_size))
+    # tune keeps its best state by MaxVio: chosen on dev samples taken from the training side, so
+    # the held-out figures below are read, never selected on
+    if train.shape[0] < 2:
+        raise ValueError(f"tune needs at least 2 training samples (tuning and dev), got {train.shape[0]}")
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    n_dev = max(1, min(held.shape[0], train.shape[0] // 5))
+    dev, train = train[order[:n_dev]], train[order[n_dev:]]
+    held_before = routed_max_vio(g, batches(held, args.batch_size))
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     result = tune(g, batches(train, args.batch_size), method=args.method, steps=args.steps, lr=args.lr,
-                  heldout=batches(held, args.batch_size))
+                  heldout=batches(dev, args.batch_size))
     seconds = time.perf_counter() - t0
     g.save(out)
-    heldout = dict(samples=int(held.shape[0]), unit=unit, max_vio_before=result["max_vio_before"],
-                   max_vio_after=result["max_vio_after"])
+    heldout = dict(samples=int(held.shape[0]), unit=unit, max_vio_before=held_before,
+                   max_vio_after=routed_max_vio(g, batches(held, args.batch_size)))
+    selection = dict(split="dev", samples=n_dev, note="samples drawn (--seed) from the training side, left out of "
+                     "tuning", max_vio_before=result["max_vio_before"], max_vio_after=result["max_vio_after"],
+                     best_step=result["best_step"])
     _report(out, "tune", heldout, dict(tune=seconds), method=args.method, steps=args.steps, seed=args.seed,
-            best_step=result["best_step"])
-    print(f"tuned {out}: held-out MaxVio {result['max_vio_before']:.3f} -> {result['max_vio_after']:.3f} "
-          f"(best at step {result['best_step']} of {args.steps})")
+            best_step=result["best_step"], selection=selection)
+    print(f"tuned {out}: held-out MaxVio {heldout['max_vio_before']:.3f} -> {heldout['max_vio_after']:.3f} "
+          f"(state kept from step {result['best_step']} of {args.steps}, chosen on {n_dev} dev samples: "
+          f"{result['max_vio_before']:.3f} -> {result['max_vio_after']:.3f})")
 
 
 def cmd_predispatch(args) -> None:

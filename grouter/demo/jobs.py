@@ -213,7 +213,8 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     """The Grouter of one seed of a Grouter run: distilled from its source (or left random), folded
     to the target's experts by affinity, tuned, and the seed's training routes pre-dispatched."""
     from ..nn import fold_groups
-    from ..router import Grouter, affinity, distill, fold, heldout_metrics, predispatch, teacher_logits, tune
+    from ..router import (Grouter, affinity, distill, fold, heldout_metrics, predispatch, routed_max_vio,
+                          teacher_logits, tune)
 
     cfg, spec = ctx.config, grouter_spec(ctx, run, seed)
     which, causal = spec.source, spec.causal
@@ -247,11 +248,11 @@ def make_grouter(ctx: Context, run: str, seed: int) -> Dict:
     A = affinity(g, batches)
     groups = fold_groups(A, cfg.target_experts)
     folded = fold(g, groups)
-    vio_folded = _max_vio_on(folded, held_batches)
+    vio_folded = routed_max_vio(folded, held_batches)  # validation: reported, never selected on
     tuned = tune(folded, tune_batches, steps=cfg.tune_steps, heldout=dev_batches, progress=ctx.progress)
     meta.update(tune_seconds=time.perf_counter() - t0, tune_tokens=cfg.tune_steps * cfg.tokens_per_step,
                 affinity=A.tolist(), groups=groups.tolist(), max_vio_folded=vio_folded,
-                max_vio_tuned=_max_vio_on(folded, held_batches), tune_best_step=tuned["best_step"],
+                max_vio_tuned=routed_max_vio(folded, held_batches), tune_best_step=tuned["best_step"],
                 tune_dev_max_vio=dict(before=tuned["max_vio_before"], after=tuned["max_vio_after"]))
     folder = grouter_dir(ctx, run, seed)
     folded.save(folder)
@@ -292,15 +293,6 @@ def _export_table(g, folder: Path, vocab: int) -> Dict:
     same = (g_ids.cpu().sort(-1).values == t_ids.sort(-1).values).all(-1).float().mean().item()
     return dict(table=str(path.name), table_checksum=again.checksum(), table_same_routes=same,
                 table_max_weight_diff=float((g_w.cpu().sort(-1).values - t_w.sort(-1).values).abs().max()))
-
-
-def _max_vio_on(g, batches: List[Tensor]) -> float:
-    """MaxVio of g's routes over `batches` (validation: a reported figure, never a selection)."""
-    from ..nn import max_vio
-
-    with torch.no_grad():
-        ids = torch.cat([g.route(b)[0].reshape(-1, g.top_k) for b in batches])
-    return max_vio(ids, g.num_experts)
 
 
 # -- target runs -----------------------------------------------------------------------------------

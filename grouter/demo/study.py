@@ -66,22 +66,23 @@ def plan(ctx: Context, job) -> List:
     return sources + grouters + runs + sweep + chosen
 
 
-def lr_selection(ctx: Context) -> Dict:
+def lr_selection(ctx: Context, baselines: Tuple[str, ...] = BASELINES) -> Dict:
     """Each baseline's learning rate: the lowest final dev loss of its seed-0 1x runs; and the best
-    baseline at its own rate (what the domain study compares with)."""
+    of `baselines` at its own rate (what the domain study compares with). Reads only those
+    baselines' sweep runs (a job depends on no other)."""
     out = {}
-    for b in BASELINES:
+    for b in baselines:
         dev = {lr: json.loads(run_file(ctx, b, 0, 1, lr).read_text())["final_dev_loss"] for lr in LR_GRID}
         best = min(LR_GRID, key=lambda lr: dev[lr])
         out[b] = dict(dev_loss={f"{lr:g}": v for lr, v in dev.items()}, lr=best, dev_loss_at_lr=dev[best])
-    best = min(BASELINES, key=lambda b: out[b]["dev_loss_at_lr"])
+    best = min(baselines, key=lambda b: out[b]["dev_loss_at_lr"])
     return dict(per_baseline=out, best_baseline=best, split="dev", grid=list(LR_GRID),
                 how="seed 0, 1x budget: the rate with the lowest final dev loss")
 
 
 def run_chosen(ctx: Context, name: str, seed: int, multiple: int, domain: Optional[str]) -> Dict:
     """A baseline's run at its chosen learning rate (the sweep's own run where it is one)."""
-    sel = lr_selection(ctx)
+    sel = lr_selection(ctx, BASELINES if name == BEST else (name,))
     base = sel["best_baseline"] if name == BEST else name
     lr = sel["per_baseline"][base]["lr"]
     done = run_file(ctx, base, seed, multiple, lr, domain)
@@ -296,15 +297,18 @@ def answers(s: Dict) -> List[str]:
                 + (f" (at most: {at_1x} seed(s) reach it at 1x already, the smallest budget run)" if at_1x else ""))
         else:
             parts.append(f"`{b}` does not reach it within {max(u['multiples'])}x ({u['note']})")
-    out.append("**Half the data?** To reach the Grouter's 1x validation loss (per seed, measured on budgets "
+    same = "; ".join(f"`{b}` {c['mean_diff']:+.4f} {_fmt_ci(c['ci95'], True)}" for (a, bm), c in comp.items()
+                     for b in BASELINES if bm == f"{b} (1x)")
+    out.append(f"**Half the data?** At equal tokens, grouter − baseline: {same}. To reach the Grouter's 1x "
+               "validation loss (per seed, measured on budgets "
                f"{', '.join(f'{m}x' for m in s['multiples'])} with their own schedules): " + "; ".join(parts) + ".")
     # source variance
     sv = s["source_variance"]
     g = sv["grouter_per_seed"]
     out.append(f"**Source variance?** Each Grouter seed from its own strong source (source losses "
                f"{', '.join(f'{v:.4f}' for v in s['costs']['source_val_loss_per_seed'])}): grouter's finals "
-               f"{', '.join(f'{v:.4f}' for v in g)} (spread {max(g) - min(g):.4f} nats/byte); the paired intervals "
-               "above include it.")
+               f"{', '.join(f'{v:.4f}' for v in g)} (spread {max(g) - min(g):.4f} nats/byte); every interval here includes "
+               "it.")
     c = comp[("grouter", "grouter_table")]
     out.append(f"**Context or clustering?** grouter − grouter_table (a token id → experts table from the same "
                f"sources, folded and tuned alike): {c['mean_diff']:+.4f} {_fmt_ci(c['ci95'], True)}: "

@@ -9,7 +9,17 @@ from torch import Tensor
 
 from ..nn.balance import expert_load, load_cv, max_vio
 
-__all__ = ["expert_load", "max_vio", "load_cv", "routing_entropy", "routing_consistency", "batch_max_vio"]
+__all__ = ["expert_load", "max_vio", "load_cv", "routing_entropy", "routing_consistency", "batch_max_vio",
+           "routed_max_vio"]
+
+
+@torch.no_grad()
+def routed_max_vio(g, batches: Iterable[Tensor]) -> float:
+    """MaxVio of Grouter g's routes over all `batches` together (one load count, not a mean of
+    per-batch figures); batches move to g's device."""
+    device = next(g.parameters()).device
+    ids = [g.route(b.to(device))[0].reshape(-1, g.top_k).cpu() for b in batches]
+    return max_vio(torch.cat(ids) if ids else torch.empty(0, g.top_k, dtype=torch.int64), g.num_experts)
 
 
 def batch_max_vio(g, batches: Iterable[Tensor]) -> List[float]:

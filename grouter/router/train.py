@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .metrics import max_vio
+from .metrics import max_vio, routed_max_vio
 from .model import Grouter
 from .teacher import TeacherLogits, teacher_logits
 
@@ -188,11 +188,6 @@ def batch_balance_loss(logits: Tensor, expert_ids: Tensor, num_experts: int, sco
     return num_experts * (f * probs.mean(0)).sum()
 
 
-def _routes(g: Grouter, batches: List[Tensor]) -> Tensor:
-    device = next(g.parameters()).device
-    return torch.cat([g.route(b.to(device))[0].reshape(-1, g.top_k).cpu() for b in batches])
-
-
 def _ensure_bias(g: Grouter) -> None:
     if g.proj.bias is None:
         g.proj.bias = nn.Parameter(torch.zeros(g.num_experts, device=g.proj.weight.device, dtype=g.proj.weight.dtype))
@@ -227,7 +222,7 @@ def tune(g: Grouter, batches: Iterable[Tensor], method: str = "bias", steps: int
     requires = {p: p.requires_grad for p in g.parameters()}
 
     def measure() -> float:
-        return max_vio(_routes(g, check), g.num_experts)
+        return routed_max_vio(g, check)
 
     def snapshot():
         return {k: v.detach().clone() for k, v in g.proj.state_dict().items()}
