@@ -118,3 +118,17 @@ def test_forward_flops_count_active_experts_and_attention():
     expert = sum(p.numel() for p in m.blocks[0].moe.experts.parameters())
     dense = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))
     assert f["flops"] == 2 * (dense + expert / 4) + 4 * 2 * 16
+
+
+def test_a_chosen_run_reads_only_the_sweep_it_depends_on(tmp_path):
+    # a baseline's chosen runs wait on its own sweep only: the other baselines' may not exist yet
+    from grouter.demo.jobs import Context, run_file
+    from grouter.demo.study import run_chosen
+
+    ctx = Context.make(tmp_path, TOY, None, "cpu", False, study=True)
+    ctx.stages.mkdir(parents=True)
+    for lr, dev in zip(LR_GRID, (2.0, 1.5, 1.7)):
+        run_file(ctx, "hash", 0, 1, lr).write_text(json.dumps(dict(seed=0, final_dev_loss=dev, final_val_loss=dev + 1,
+                                                                    lr=lr)))
+    result = run_chosen(ctx, "hash", 0, 1, None)
+    assert result["lr"] == LR_GRID[1] and result["final_val_loss"] == 2.5 and result["baseline"] == "hash"

@@ -256,11 +256,13 @@ def _run_study(ctx: Context, jobs: int, resume: bool, tok_info: Dict, corpus: st
 
     domains = prepare_domains(ctx, resume)
     _log("domains: " + "; ".join(f"{d} {v['train_tokens']:,} train tokens" for d, v in domains.items()))
-    run_jobs(ctx, plan(ctx, Job), jobs, resume, runner=run_study_job)
     walls_path = ctx.stages / "wall_seconds.json"
     walls = json.loads(walls_path.read_text()) if resume and walls_path.exists() else []
-    walls.append(time.perf_counter() - t_start)
-    walls_path.write_text(json.dumps(walls))
+    try:
+        run_jobs(ctx, plan(ctx, Job), jobs, resume, runner=run_study_job)
+    finally:  # an invocation that fails still counts its time
+        walls.append(time.perf_counter() - t_start)
+        walls_path.write_text(json.dumps(walls))
     cfg = asdict(ctx.config)
     report = dict(study=study_report(ctx), config=cfg, preset="study", corpus=corpus, tokenizer=tok_info,
                   domains=domains, versions=versions(), jobs=jobs, wall_seconds=sum(walls), invocations=walls,

@@ -266,7 +266,7 @@ def study_report(ctx: Context) -> Dict:
                                           for n, ms in domain_meta.items()},
                           topk_agreement_with_source_on_code={n: statistics.fmean(m["topk_agreement"] for m in ms)
                                                               for n, ms in domain_meta.items()}),
-        grouter_lr=cfg.lr, grouter_lr_note="the Grouter runs keep the default rate (not selected for them)",
+        grouter_lr=cfg.lr, grouter_lr_note="the default rate, not selected for the Grouter runs",
         multiples=list(MULTIPLES), seeds=list(seeds))
 
 
@@ -338,7 +338,7 @@ def markdown(s: Dict, cfg: Dict) -> str:
               "|---|" + "---|" * (len(s["lr_selection"]["grid"]) + 1)]
     for b, v in s["lr_selection"]["per_baseline"].items():
         lines.append(f"| {b} | " + " | ".join(f"{x:.4f}" for x in v["dev_loss"].values()) + f" | {v['lr']:g} |")
-    lines += ["", f"Grouter runs: lr {s['grouter_lr']:g} ({s['grouter_lr_note']}).", "",
+    lines += ["", f"Grouter runs: lr {s['grouter_lr']:g}, the default, not selected for them.", "",
               "## Final validation loss by budget", "",
               "| run | " + " | ".join(f"{m}x" for m in s["multiples"]) + " |", "|---|" + "---|" * len(s["multiples"])]
     for n, row in s["table"].items():
@@ -355,7 +355,8 @@ def markdown(s: Dict, cfg: Dict) -> str:
         per = ", ".join(f"s{k}: " + (f"{v['interpolated']:.2f}x ({v['smallest_measured']}x)" if v["interpolated"]
                                      else f"> {max(u['multiples'])}x") for k, v in u["per_seed"].items())
         per += " (1.00x: reached at 1x, the smallest budget run; less may do)" if "(1x)" in per else ""
-        mean = f"{u['mean']:.2f}x {_fmt_ci(u['ci95'])}" if u["mean"] else u["note"]
+        mean = (f"{u['mean']:.2f}x" + (f" [{u['ci95'][0]:.2f}, {u['ci95'][1]:.2f}]" if u["ci95"] else "")
+                if u["mean"] else u["note"])
         lines.append(f"- `{b}`: {mean}; {per}")
     lines += ["", "The paper's measure (the baseline's tokens ÷ the tokens the Grouter's mean curve needs to reach "
               "the baseline's final loss, read between evaluation points):", ""]
@@ -381,7 +382,8 @@ def markdown(s: Dict, cfg: Dict) -> str:
     lines += ["", "| a − b | mean | 95% CI | a is |", "|---|---|---|---|"]
     for c2 in ds["comparisons"]:
         lines.append(f"| {c2['a']} − {c2['b']} | {c2['mean_diff']:+.4f} | {_fmt_ci(c2['ci95'], True)} | {_holds(c2)} |")
-    lines += ["", "Tuning on the code targets' validation windows (MaxVio before -> after, reported only): " + "; ".join(
+    lines += ["", "MaxVio of each Grouter's routes on the code validation windows, folded -> tuned (reported only; "
+              "each tuning kept its state by MaxVio on the dev split of the domain it tuned on): " + "; ".join(
         f"{n} {v['before']:.2f} -> {v['after']:.2f}" for n, v in ds["tuning_max_vio"].items()) + ". Top-k agreement "
         "with the own source on code: " + "; ".join(f"{n} {v:.3f}" for n, v in ds["topk_agreement_with_source_on_code"].items())
         + "."]
