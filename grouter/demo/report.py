@@ -110,6 +110,7 @@ SPLITS = {
     "distill.heldout (KL to the source, top-k agreement)": "validation",
     "distill.tuning_heldout_max_vio (before and after tuning)": "validation",
     "distill.tuning_dev_max_vio (tuning's best-state selection)": "dev",
+    "runs.*.per_seed.final_dev_loss (what the study selects learning rates on)": "dev",
     "runs.*.max_vio, runs.*.load": "training (the routes of the tokens each run trained on)",
     "hash_balanced's table": "training (token frequencies)",
     "source.*": "validation (final loss), training (MaxVio)",
