@@ -379,9 +379,12 @@ def run_target(ctx: Context, name: str, seed: int, multiple: int = 1, lr: Option
     val = corpus.val_windows(cfg.val_windows, cfg.seq_len).to(device)
     dev = corpus.dev_windows(cfg.dev_windows, cfg.seq_len).to(device)
     step_routes, route, g = routing_of(ctx, name, seed, domain)
-    with torch.no_grad():
-        val_routes = [route(x) for x in val.split(EVAL_BATCH)] if route is not None else None  # as evaluate() batches
-        dev_routes = [route(x) for x in dev.split(EVAL_BATCH)] if route is not None else None
+
+    @torch.no_grad()
+    def routes_of(windows: Tensor) -> Optional[List[Routes]]:  # per batch, as evaluate() batches them
+        return [route(x) for x in windows.split(EVAL_BATCH)] if route is not None else None
+
+    val_routes, dev_routes = routes_of(val), routes_of(dev)
     run = train_lm(cfg, corpus, name, seed, cfg.target_tokens * multiple, cfg.target_experts, router=ROUTERS.get(name),
                    step_routes=step_routes, val_routes=val_routes, device=device, progress=ctx.progress, lr=lr)
     result = run["result"]
@@ -392,12 +395,9 @@ def run_target(ctx: Context, name: str, seed: int, multiple: int = 1, lr: Option
         # (S passes per window), the cost that keeps the audit to a subset. Own routes are scored
         # on the same windows, so the difference is the routes' alone.
         audit = val[::cfg.audit_every]
-        batches = list(audit.split(EVAL_BATCH))
-        with torch.no_grad():
-            own = [route(x) for x in batches]
-        prefix = [leak_free_routes(g, x) for x in batches]
+        prefix = [leak_free_routes(g, x) for x in audit.split(EVAL_BATCH)]
         result.update(audit_windows=int(audit.shape[0]),
-                      audit_own_val_loss=evaluate(run["model"], audit, corpus.token_bytes, routes=own),
+                      audit_own_val_loss=evaluate(run["model"], audit, corpus.token_bytes, routes=routes_of(audit)),
                       audit_prefix_only_val_loss=evaluate(run["model"], audit, corpus.token_bytes, routes=prefix))
     run_file(ctx, name, seed, multiple, lr, domain).write_text(json.dumps(result))
     extra = (f", on {result['audit_windows']} windows prefix-only routes {result['audit_prefix_only_val_loss']:.4f} "

@@ -23,7 +23,7 @@ import torch
 
 from .config import BASELINES, GROUTER_RUNS, PAPER, PRESETS, Config
 from .corpus import Corpus, load_corpus
-from .jobs import Context, grouter_dir, hash_tables_summary, run_job, source_path
+from .jobs import Context, grouter_dir, hash_tables_summary, run_file, run_job, source_path
 from .subwords import build_token_corpus
 
 
@@ -50,7 +50,7 @@ def plan_jobs(ctx: Context) -> List[Job]:
     grouters, grouter_runs, baselines = [], [], []
     for name in cfg.runs:
         for seed in range(cfg.seeds_of(name)):
-            run_out = st / f"run_{name}_s{seed}.json"
+            run_out = run_file(ctx, name, seed)
             if name in GROUTER_RUNS:
                 which = GROUTER_RUNS[name][0]
                 deps = () if which == "random" else (f"source:{which}",)
@@ -233,7 +233,7 @@ def run_demo(out: str, quick: bool = False, corpus: Optional[str] = None, preset
     run_jobs(ctx, plan_jobs(ctx), jobs, resume)
     speed = _throughput(ctx, resume)
 
-    runs = {name: [json.loads((ctx.stages / f"run_{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
+    runs = {name: [json.loads(run_file(ctx, name, s).read_text()) for s in range(cfg.seeds_of(name))]
             for name in cfg.runs}
     grouters = {name: [json.loads((ctx.stages / f"{name}_s{s}.json").read_text()) for s in range(cfg.seeds_of(name))]
                 for name in GROUTER_RUNS if name in cfg.runs}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .config import BASELINES, GROUTER_RUNS
-from .stats import data_utilization, mean_ci, paired, verdict
+from .stats import by_seed, comparison, data_utilization, mean_ci, paired
 
 
 def summarize(results: List[Dict]) -> Dict:
@@ -33,17 +33,12 @@ def summarize(results: List[Dict]) -> Dict:
     return out
 
 
-def _by_seed(results: List[Dict], key: str = "final_val_loss") -> Dict[int, float]:
-    return {r["seed"]: r[key] for r in results}
-
-
 def comparisons(runs: Dict[str, List[Dict]]) -> List[Dict]:
     """grouter - every other run, paired by seed (same initialisation and data order)."""
     out = []
     for b in runs:
         if b != "grouter":
-            d = paired(_by_seed(runs["grouter"]), _by_seed(runs[b]))
-            out.append(dict(a="grouter", b=b, **d, verdict=verdict(d), split="validation"))
+            out.append(comparison(by_seed(runs["grouter"]), by_seed(runs[b]), "grouter", b, split="validation"))
     return out
 
 
@@ -55,15 +50,14 @@ PREFIX_ONLY_MEASURES = ("the same trained model scored with prefix-only routes m
 def leak_audit(runs: Dict[str, List[Dict]]) -> Dict:
     out = {}
     if "grouter_bidirectional" in runs and "grouter" in runs:
-        d = paired(_by_seed(runs["grouter_bidirectional"]), _by_seed(runs["grouter"]))
-        out["bidirectional_vs_causal"] = dict(
-            a="grouter_bidirectional", b="grouter", **d, verdict=verdict(d),
+        out["bidirectional_vs_causal"] = comparison(
+            by_seed(runs["grouter_bidirectional"]), by_seed(runs["grouter"]), "grouter_bidirectional", "grouter",
             measures="both scored with the routes they trained with: what reading future tokens is worth to "
                      "training and scoring together (the paper's encoder vs a Grouter generation can use)")
     prefix = {}
     for name in GROUTER_RUNS:
         if name in runs and "audit_prefix_only_val_loss" in runs[name][0]:  # a table reads no other token
-            d = paired(_by_seed(runs[name], "audit_prefix_only_val_loss"), _by_seed(runs[name], "audit_own_val_loss"))
+            d = paired(by_seed(runs[name], "audit_prefix_only_val_loss"), by_seed(runs[name], "audit_own_val_loss"))
             prefix[name] = dict(**d, measures=PREFIX_ONLY_MEASURES)
     out["prefix_only_minus_own"] = prefix
     return out

@@ -37,6 +37,17 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict:
     return out
 
 
+def by_seed(results: List[Dict], key: str = "final_val_loss") -> Dict[int, float]:
+    """{seed: result[key]} of one run's seeds."""
+    return {r["seed"]: r[key] for r in results}
+
+
+def comparison(a: Dict[int, float], b: Dict[int, float], a_name: str, b_name: str, **extra) -> Dict:
+    """a - b paired over seeds, named, with its verdict (and `extra` fields)."""
+    d = paired(a, b)
+    return dict(a=a_name, b=b_name, **d, verdict=verdict(d), **extra)
+
+
 def verdict(diff: Dict, better: str = "lower") -> str:
     """What a paired interval of a - b (losses: lower is better) says."""
     ci = diff.get("ci95")

@@ -26,7 +26,8 @@ import torch
 
 from .config import DOMAIN_GROUTERS, Config
 from .jobs import Context, grouter_spec, run_file, run_job, source_path, token_corpus
-from .stats import data_utilization, mean_ci, paired, verdict
+from .report import summarize
+from .stats import by_seed, comparison, data_utilization, mean_ci, tokens_to_reach
 
 LR_GRID = (1.5e-3, 3e-3, 6e-3)
 MULTIPLES = (1, 2, 4)
@@ -128,24 +129,16 @@ def _load(path: Path) -> Dict:
     return json.loads(path.read_text())
 
 
-def _finals(results: List[Dict], key: str = "final_val_loss") -> Dict[int, float]:
-    return {r["seed"]: r[key] for r in results}
-
-
 def reach_multiple(losses: Dict[int, float], target: float) -> Tuple[Optional[float], Optional[int]]:
     """(interpolated, smallest measured) budget multiple at which a baseline's final loss reaches
     `target`: losses {multiple: loss}, interpolated linearly in log2(multiple) between the measured
     budgets. (None, None) when the largest budget does not reach it; at 1x already: (1.0, 1) (a
     bound: less may do)."""
     ms = sorted(losses)
-    if losses[ms[0]] <= target:
-        return 1.0 * ms[0], ms[0]
-    for lo, hi in zip(ms, ms[1:]):
-        if losses[hi] <= target:
-            a, b = losses[lo], losses[hi]
-            frac = (a - target) / (a - b)
-            return 2 ** (math.log2(lo) + frac * (math.log2(hi) - math.log2(lo))), hi
-    return None, None
+    at = tokens_to_reach([[math.log2(m), losses[m]] for m in ms], target)  # a curve over log2 budgets
+    if at is None:
+        return None, None
+    return 2 ** at, next(m for m in ms if losses[m] <= target)
 
 
 def measured_utilisation(grouter: Dict[int, float], baseline: Dict[int, Dict[int, float]]) -> Dict:
@@ -217,40 +210,31 @@ def _summary(results: List[Dict]) -> Dict:
     return dict(mean=m["mean"], ci95=m["ci95"], per_seed=finals, seeds=[r["seed"] for r in results])
 
 
-def _mean_curve(results: List[Dict]) -> Dict:
-    """The shape data_utilization reads: mean validation curve and final loss over seeds."""
-    curves = [r["val_curve"] for r in results]
-    curve = [[curves[0][i][0], statistics.fmean(c[i][1] for c in curves)] for i in range(len(curves[0]))]
-    return dict(val_curve=curve, final_val_loss=curve[-1][1])
-
-
-def _diff(a: Dict[int, float], b: Dict[int, float], an: str, bn: str) -> Dict:
-    d = paired(a, b)
-    return dict(a=an, b=bn, **d, verdict=verdict(d), split="validation")
-
-
 def study_report(ctx: Context) -> Dict:
     cfg = ctx.config
     seeds = range(cfg.seeds)
     sel = lr_selection(ctx)
     runs = {n: [_load(run_file(ctx, n, k)) for k in seeds] for n in GROUTERS}
     base = {b: {m: [_load(chosen_path(ctx, b, k, m, None)) for k in seeds] for m in MULTIPLES} for b in BASELINES}
-    g1 = _finals(runs["grouter"])
+    g1 = by_seed(runs["grouter"])
     table = {n: {"1": _summary(rs)} for n, rs in runs.items()}
     table.update({b: {str(m): _summary(base[b][m]) for m in MULTIPLES} for b in BASELINES})
-    vs = [_diff(g1, _finals(base[b][m]), "grouter (1x)", f"{b} ({m}x)") for b in BASELINES for m in MULTIPLES]
-    vs.append(_diff(g1, _finals(runs["grouter_table"]), "grouter", "grouter_table"))
-    measured = {b: measured_utilisation(g1, {m: _finals(base[b][m]) for m in MULTIPLES}) for b in BASELINES}
-    paper = {b: {str(m): data_utilization(_mean_curve(runs["grouter"]), f"{b} ({m}x)", _mean_curve(base[b][m]))
+    V = "validation"
+    vs = [comparison(g1, by_seed(base[b][m]), "grouter (1x)", f"{b} ({m}x)", split=V)
+          for b in BASELINES for m in MULTIPLES]
+    vs.append(comparison(g1, by_seed(runs["grouter_table"]), "grouter", "grouter_table", split=V))
+    measured = {b: measured_utilisation(g1, {m: by_seed(base[b][m]) for m in MULTIPLES}) for b in BASELINES}
+    paper = {b: {str(m): data_utilization(summarize(runs["grouter"]), f"{b} ({m}x)", summarize(base[b][m]))
                  for m in MULTIPLES} for b in BASELINES}
     grouter_meta = [_load(ctx.stages / f"grouter_s{k}.json") for k in seeds]
     domain = {n: [_load(run_file(ctx, n, k, 1, None, "code")) for k in seeds] for n in DOMAIN_GROUTERS}
     domain[BEST] = [_load(chosen_path(ctx, BEST, k, 1, "code")) for k in seeds]
-    d = {n: _finals(rs) for n, rs in domain.items()}
-    shift = [_diff(d[n], d[BEST], n, f"{BEST} ({domain[BEST][0]['baseline']})") for n in DOMAIN_GROUTERS]
-    shift += [_diff(d["grouter_prose"], d["grouter_code"], "grouter_prose", "grouter_code"),
-              _diff(d["grouter_prose_tuned"], d["grouter_code"], "grouter_prose_tuned", "grouter_code"),
-              _diff(d["grouter_prose_tuned"], d["grouter_prose"], "grouter_prose_tuned", "grouter_prose")]
+    d = {n: by_seed(rs) for n, rs in domain.items()}
+    pairs = [(n, BEST) for n in DOMAIN_GROUTERS] + [("grouter_prose", "grouter_code"),
+                                                      ("grouter_prose_tuned", "grouter_code"),
+                                                      ("grouter_prose_tuned", "grouter_prose")]
+    best_name = f"{BEST} ({domain[BEST][0]['baseline']})"
+    shift = [comparison(d[a], d[b], a, best_name if b == BEST else b, split=V) for a, b in pairs]
     domain_meta = {n: [_load(ctx.stages / f"{n}_s{k}.json") for k in seeds] for n in DOMAIN_GROUTERS}
     return dict(
         lr_selection=sel, table=table, comparisons=vs, measured_utilisation=measured,
@@ -297,8 +281,8 @@ def answers(s: Dict) -> List[str]:
                 + (f" (at most: {at_1x} seed(s) reach it at 1x already, the smallest budget run)" if at_1x else ""))
         else:
             parts.append(f"`{b}` does not reach it within {max(u['multiples'])}x ({u['note']})")
-    same = "; ".join(f"`{b}` {c['mean_diff']:+.4f} {_fmt_ci(c['ci95'], True)}" for (a, bm), c in comp.items()
-                     for b in BASELINES if bm == f"{b} (1x)")
+    same = "; ".join(f"`{b}` {c['mean_diff']:+.4f} {_fmt_ci(c['ci95'], True)}"
+                     for b in BASELINES for c in [comp[("grouter (1x)", f"{b} (1x)")]])
     out.append(f"**Half the data?** At equal tokens, grouter − baseline: {same}. To reach the Grouter's 1x "
                "validation loss (per seed, measured on budgets "
                f"{', '.join(f'{m}x' for m in s['multiples'])} with their own schedules): " + "; ".join(parts) + ".")
