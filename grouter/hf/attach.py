@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.routing import flatten_routing
+from ..nn.routing import checked_routes
 from ..nn.transformers_moe import check_gate_call, global_num_experts, moe_blocks
 from .attachment import Attachment, attachment_of, save_attached
 
@@ -130,15 +130,5 @@ def set_routes(model: nn.Module, expert_ids: Tensor, weights: Tensor) -> None:
     if att is None:
         raise RuntimeError("grouter.hf.set_routes: the model is not attached; call grouter.hf.attach(model, None) "
                            "(routes only from outside) or grouter.hf.attach(model, grouter) first")
-    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
-        raise ValueError(f"grouter.hf.set_routes: expert ids must be an integer tensor, got {expert_ids.dtype}")
-    if not weights.dtype.is_floating_point:
-        raise ValueError(f"grouter.hf.set_routes: weights must be a floating-point tensor, got {weights.dtype}")
-    ids, w = flatten_routing(expert_ids, weights)
-    # Gate weights are a distribution's mass: negative, NaN or infinite ones are a caller's bug
-    # that would otherwise mix expert outputs with it silently (one check, one host sync).
-    if w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
-        bad = w[~(torch.isfinite(w) & (w >= 0))]
-        raise ValueError(f"grouter.hf.set_routes: gate weights must be finite and non-negative, got "
-                         f"{bad.flatten()[:4].tolist()}{' ...' if bad.numel() > 4 else ''}")
+    ids, w = checked_routes(expert_ids, weights, "grouter.hf.set_routes")
     att.pending = (ids, w)

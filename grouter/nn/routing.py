@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["Routing", "RoutingLike", "flatten_routing", "as_routing"]
+__all__ = ["Routing", "RoutingLike", "flatten_routing", "as_routing", "checked_routes"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,22 @@ def flatten_routing(expert_ids: Tensor, weights: Tensor) -> "tuple[Tensor, Tenso
     if ids.shape != w.shape:
         raise ValueError(f"expert_ids {tuple(ids.shape)} and weights {tuple(w.shape)} must have the same shape")
     return ids, w
+
+def checked_routes(expert_ids: Tensor, weights: Tensor, who: str) -> "tuple[Tensor, Tensor]":
+    """Routes handed in from outside (pre-dispatched, or computed elsewhere), flattened to [T, K]:
+    integer ids, and weights that are finite and non-negative (gate weights are a distribution's
+    mass: anything else would mix expert outputs with it silently). One check, one host sync."""
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise ValueError(f"{who}: expert ids must be an integer tensor, got {expert_ids.dtype}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"{who}: weights must be a floating-point tensor, got {weights.dtype}")
+    ids, w = flatten_routing(expert_ids, weights)
+    if w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
+        bad = w[~(torch.isfinite(w) & (w >= 0))]
+        raise ValueError(f"{who}: gate weights must be finite and non-negative, got "
+                         f"{bad.flatten()[:4].tolist()}{' ...' if bad.numel() > 4 else ''}")
+    return ids, w
+
 
 def as_routing(routing: RoutingLike, num_experts: int, num_tokens: int) -> Routing:
     """Accept a prepared Routing or an (expert_ids, weights) pair; check it fits the layer."""
