@@ -1,4 +1,4 @@
-"""Layers only look down: _C <- ops <- nn <- router <- hf, parallel, tokens <- demo <- cli.
+"""Layers only look down: _C <- ops <- nn <- router <- hf, parallel, titan, tokens <- demo <- cli.
 
 Read statically from every module's imports (at any depth: imports inside functions count too).
 """
@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "grouter"
-RANK = {"_C": -1, "ops": 0, "nn": 1, "router": 2, "hf": 3, "parallel": 3, "tokens": 3, "demo": 4, "cli": 5,
+RANK = {"_C": -1, "ops": 0, "nn": 1, "router": 2, "hf": 3, "parallel": 3, "titan": 3, "tokens": 3, "demo": 4, "cli": 5,
         "__main__": 6}  # the compiled library under ops; the command line runs the demo
 
 

@@ -12,19 +12,38 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchtitan.models.common.moe import MoE, GroupedExperts, TokenChoiceTopKRouter
 from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, LocalTokenDispatcher
 
+from ..nn.moe import MoE as GrouterMoE
 from .modules import FixedRouter, GrouterExperts, GrouterTokenDispatcher
 from .routes import StepRoutes
 
-__all__ = ["convert", "moe_layers", "EXPERT_DTYPES"]
+__all__ = ["convert", "moe_layers", "as_grouter_moe", "EXPERT_DTYPES"]
 
 EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouter.ops.expert_mlp computes
 
 
 def moe_layers(model: nn.Module) -> "list[tuple[str, MoE]]":
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def as_grouter_moe(moe: MoE) -> GrouterMoE:
+    """The routed experts of a torchtitan MoE layer as a `grouter.nn.MoE` (router=None: routes are
+    given to its forward), holding copies of the weights in grouter's layout: ``gate_up_proj`` =
+    [w1_EFD | w3_EFD] on dim 1, ``down_proj`` = w2_EDF (sharded experts are gathered). Shared
+    experts are not part of it. For comparing a converted model with grouter's own layer, or moving
+    weights between the two."""
+    inner = moe.routed_experts.inner_experts
+    w1, w2, w3 = (w.full_tensor() if isinstance(w, DTensor) else w for w in (inner.w1_EFD, inner.w2_EDF, inner.w3_EFD))
+    E, F, D = w1.shape
+    K = moe.router.top_k
+    out = GrouterMoE(D, F, E, K, router=None, device=w1.device, dtype=w1.dtype)
+    with torch.no_grad():
+        out.experts.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
+        out.experts.down_proj.copy_(w2)
+    return out
 
 
 def convert(model: nn.Module, grouter: Optional[nn.Module] = None, *, experts: bool = True) -> nn.Module:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torchtitan.distributed.spmd_types import current_spmd_mesh
+from torchtitan.distributed.utils import get_spmd_backend
 from torchtitan.models.common.moe import GroupedExperts
 from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
 from torchtitan.protocols.module import Module
@@ -29,7 +31,16 @@ from torchtitan.protocols.module import Module
 from .. import ops
 from .routes import StepRoutes
 
-__all__ = ["FixedRouter", "GrouterTokenDispatcher", "GrouterExperts", "GrouterDispatchMetadata"]
+__all__ = ["FixedRouter", "GrouterTokenDispatcher", "GrouterExperts", "GrouterDispatchMetadata", "check_spmd_backend"]
+
+
+def check_spmd_backend() -> None:
+    """torchtitan's all-to-all reads its process group from the current SPMD mesh under the default
+    "spmd_types" backend, which only its trainer sets: outside it the dispatch would fail deep inside."""
+    if get_spmd_backend() == "spmd_types" and current_spmd_mesh() is None:
+        raise RuntimeError("grouter.titan: expert-parallel dispatch under torchtitan's 'spmd_types' backend needs "
+                           "its trainer's SPMD mesh; outside the trainer set parallelism.spmd_backend = "
+                           "'partial_dtensor' (torchtitan.distributed.utils.set_spmd_backend('partial_dtensor'))")
 
 
 class FixedRouter(Module):
@@ -71,6 +82,7 @@ class GrouterTokenDispatcher(AllToAllTokenDispatcher):
             plan = self.routes.plan_for(topk_expert_ids_TK)
             metadata = GrouterDispatchMetadata(plan=plan, weights=topk_scores_TK)
             return ops.permute(x_TD, plan), num_local_tokens_per_expert_E, metadata
+        check_spmd_backend()
         if not self.routes.is_step_ids(topk_expert_ids_TK) or self.routes.splits is None:
             raise ValueError("grouter.titan: expert-parallel dispatch of routes other than the step's: the step's "
                              "all-to-all splits do not describe them")

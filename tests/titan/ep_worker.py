@@ -1,8 +1,8 @@
 """One rank of the torchtitan expert-parallel test: `python ep_worker.py ROUTES OUT MODE STEPS BATCH`.
 
-A tiny torchtitan Qwen3-MoE converted to grouter, its experts sharded over the ranks as DTensors
-(Shard(0) on an "ep" mesh) and its dispatchers wired to that mesh as torchtitan's
-RoutedExperts.parallelize does; routes from a PredispatchedDataset through torchtitan's dataloader.
+A tiny torchtitan Qwen3-MoE converted to grouter and made expert-parallel by
+grouter.titan.expert_parallel (experts sharded as DTensors, Shard(0) on an "ep" mesh; dispatchers
+wired to it as torchtitan's RoutedExperts.parallelize does); routes from a PredispatchedDataset through torchtitan's dataloader.
 MODE: "known" (every rank's counts come with the batch: no count exchange), "exchange" (one
 all-gather of counts per step) or "stock" (torchtitan's AllToAllTokenDispatcher: a count all-to-all
 and a device-to-host sync in every layer). Dense gradients are all-reduced (data parallel), the loss
@@ -19,7 +19,7 @@ sys.path[:0] = [str(HERE)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchtitan.components.dataloader import ParallelAwareDataloader  # noqa: E402
 from torchtitan.distributed.utils import set_spmd_backend  # noqa: E402
@@ -53,13 +53,6 @@ def _counting_sync(self, *args):
     return _stock_sync(self, *args)
 
 
-def shard_experts(model, mesh):
-    for _, moe in gt.moe_layers(model):
-        inner = moe.routed_experts.inner_experts
-        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
-            setattr(inner, name, torch.nn.Parameter(distribute_tensor(getattr(inner, name).detach(), mesh, [Shard(0)])))
-
-
 def main(routes_dir, out_dir, mode, steps, batch):
     steps, batch = int(steps), int(batch)
     set_spmd_backend("partial_dtensor")  # parallelism.spmd_backend: DTensor on the model-parallel axes
@@ -67,13 +60,13 @@ def main(routes_dir, out_dir, mode, steps, batch):
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     g = small_grouter()
-    model = gt.convert(build(), None)
-    shard_experts(model, mesh)
-    for _, moe in gt.moe_layers(model):
-        if mode == "stock":
+    model = gt.expert_parallel(gt.convert(build(), None), mesh)
+    if mode == "stock":
+        for _, moe in gt.moe_layers(model):
             moe.routed_experts.token_dispatcher = AllToAllTokenDispatcher(
                 AllToAllTokenDispatcher.Config(num_experts=E, top_k=K))
-        moe.routed_experts.token_dispatcher.wire_meshes(ep_mesh=mesh)
+            moe.routed_experts.token_dispatcher.wire_meshes(ep_mesh=mesh)
+        model.grouter_routes.dispatchers = []  # torchtitan's own: the step computes no splits
     AllToAllTokenDispatcher._sync_token_count_exchange = _counting_sync
     reader = grouter.PredispatchReader(routes_dir, g)
     dataset = gt.PredispatchedDataset(reader, rank=rank, world_size=world, counts_by_rank=(mode == "known"))

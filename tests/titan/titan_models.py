@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import grouter
-from grouter.titan import moe_layers
+import grouter.titan
+from grouter.titan import as_grouter_moe, moe_layers
 from grouter.titan.tiny import deepseek_v3_config, qwen3_moe_config
 
 VOCAB, E, K = 256, 8, 2
@@ -43,12 +44,7 @@ class GrouterMoE(nn.Module):
 
     def __init__(self, moe: nn.Module, routes: dict):
         super().__init__()
-        inner = moe.routed_experts.inner_experts
-        E_, F, D = inner.w1_EFD.shape
-        self.moe = grouter.nn.MoE(D, F, E_, K, router=None)
-        with torch.no_grad():
-            self.moe.experts.gate_up_proj.copy_(torch.cat([inner.w1_EFD, inner.w3_EFD], dim=1))
-            self.moe.experts.down_proj.copy_(inner.w2_EDF)
+        self.moe = as_grouter_moe(moe)
         self.shared_experts = copy.deepcopy(moe.shared_experts)
         self.routes = routes
 
@@ -68,3 +64,24 @@ def reference(model: nn.Module) -> "tuple[nn.Module, dict]":
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def one_process_training(model: nn.Module, routes_path, world: int, global_batch: int, steps: int) -> list:
+    """What `world` data-parallel ranks train on pre-dispatched routes, in one process: each step's
+    global batch is the ranks' batches (sample j of rank r = folder sample j * world + r) in rank
+    order, the loss their mean. SGD: Adam would turn the last-ulp differences of near-zero gradients
+    (summed in another order by the ranks) into steps of +-lr, and any comparison into noise."""
+    reader = grouter.PredispatchReader(routes_path)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    per_rank = global_batch // world
+    losses = []
+    for step in range(steps):
+        rows = [reader[(step * per_rank + b) * world + r] for r in range(world) for b in range(per_rank)]
+        x, ids, w = (torch.stack(t) for t in zip(*rows))
+        grouter.titan.set_routes(model, ids[:, :-1], w[:, :-1])
+        loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses

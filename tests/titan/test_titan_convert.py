@@ -84,6 +84,8 @@ def test_routes_come_from_the_batch_then_set_routes_then_the_grouter_and_never_f
         model(x, grouter_expert_ids=bad, grouter_weights=w)
     attached = gt.convert(build(), g)
     assert torch.equal(attached(x), out)  # the attached Grouter routes the same tokens the same way
+    with pytest.raises(ValueError, match="pipeline stage"):  # hidden states in: nothing to route by
+        attached(torch.randn(2, 16, 64))
 
 
 def test_one_routing_plan_per_step_for_every_layer(monkeypatch):

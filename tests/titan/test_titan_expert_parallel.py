@@ -12,33 +12,13 @@ import torch  # noqa: E402
 
 import grouter  # noqa: E402
 import grouter.titan as gt  # noqa: E402
-from titan_models import build, lm_loss, small_grouter, tokens  # noqa: E402
+from titan_models import build, one_process_training, small_grouter, tokens  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from launch import run_ranks  # noqa: E402
 
 WORKER = str(Path(__file__).resolve().parent / "ep_worker.py")
 STEPS, GLOBAL_BATCH, LAYERS = 3, 4, 2
-
-
-def one_process(path, world):
-    """The same training in one process on the same stored routes: each step's global batch is the
-    ranks' batches in rank order."""
-    reader = grouter.PredispatchReader(path)
-    model = gt.convert(build(), None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    per_rank = GLOBAL_BATCH // world
-    losses = []
-    for step in range(STEPS):
-        rows = [reader[(step * per_rank + b) * world + r] for r in range(world) for b in range(per_rank)]
-        x, ids, w = (torch.stack(t) for t in zip(*rows))
-        gt.set_routes(model, ids[:, :-1], w[:, :-1])
-        loss = lm_loss(model(x[:, :-1]), x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return losses, dict(model.named_parameters())
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +29,12 @@ def routes(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_expert_parallel_training_equals_one_process_with_splits_known_ahead(routes, tmp_path, world):
     path = routes
-    ref_losses, ref_params = one_process(path, world)
+    model = gt.convert(build(), None)
+    ref_losses = one_process_training(model, path, world, GLOBAL_BATCH, STEPS)
+    ref_params = dict(model.named_parameters())
     results = {}
     for mode in ("known", "exchange", "stock"):
         run_ranks(world, [WORKER, str(path), str(tmp_path), mode, str(STEPS), str(GLOBAL_BATCH // world)], timeout=300)
@@ -78,3 +60,20 @@ def test_expert_parallel_training_equals_one_process_with_splits_known_ahead(rou
                 else:  # splits known before the step: no count collective, no sync
                     assert ops.get("all_to_all_single", 0) == token_a2a and step["host_syncs"] == 0
                     assert not any("allgather" in op for op in ops)
+
+
+def test_expert_parallel_refuses_what_it_cannot_shard_or_dispatch():
+    class Mesh:  # a 1-D mesh of 2 ranks, as far as the checks before any collective look
+        ndim = 1
+
+        def size(self):
+            return 2
+
+    with pytest.raises(RuntimeError, match="not converted"):
+        gt.expert_parallel(build(), Mesh())
+    with pytest.raises(ValueError, match="do not divide"):
+        gt.expert_parallel(gt.convert(build(), None), type("M3", (Mesh,), {"size": lambda s: 3})())  # 8 experts
+    from torchtitan.distributed.utils import get_spmd_backend
+    assert get_spmd_backend() == "spmd_types"  # torchtitan's default, which needs its trainer's mesh
+    with pytest.raises(RuntimeError, match="partial_dtensor"):
+        gt.expert_parallel(gt.convert(build(), None), Mesh())
