@@ -10,10 +10,10 @@ step are known before the step (no per-layer count exchange or device-to-host sy
 """
 
 from .convert import as_grouter_moe, convert, moe_layers
-from .data import PredispatchedDataset
+from .data import HostCounts, PredispatchedDataset
 from .modules import FixedRouter, GrouterExperts, GrouterTokenDispatcher
 from .parallel import expert_parallel
 from .routes import BATCH_KEYS, EPSplits, StepRoutes, routes_of, set_routes
 
-__all__ = ["convert", "moe_layers", "expert_parallel", "as_grouter_moe", "set_routes", "routes_of", "PredispatchedDataset", "FixedRouter",
+__all__ = ["convert", "moe_layers", "expert_parallel", "as_grouter_moe", "set_routes", "routes_of", "PredispatchedDataset", "HostCounts", "FixedRouter",
            "GrouterExperts", "GrouterTokenDispatcher", "StepRoutes", "EPSplits", "BATCH_KEYS"]

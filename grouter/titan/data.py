@@ -11,7 +11,7 @@ Sample j of rank r is the folder's sample ``j * world_size + r``; each rank gets
 samples (the remainder is dropped), so expert-parallel ranks step together. With
 ``counts_by_rank`` every item also carries the rows per expert of the j-th sample of *every* rank
 [world, E]: summed over a batch they are the step's all-to-all counts, known on every rank without
-an exchange.
+an exchange (`collate` keeps them on the host under torchtitan's trainer).
 
 Tokens come from the folder (each sample checked against its digest as it is read), or from your own
 torchtitan dataset (`dataset=`): then each of its samples must equal the routed one - a dataset and
@@ -20,14 +20,23 @@ a routes folder that drifted apart raise instead of training on another sample's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, default_collate
 
 from ..router.predispatch import PredispatchReader
 
-__all__ = ["PredispatchedDataset"]
+__all__ = ["PredispatchedDataset", "HostCounts"]
+
+
+@dataclass(frozen=True)
+class HostCounts:
+    """A batch's every-rank counts [world, E] kept on the host: not a tensor, so torchtitan's trainer
+    (which moves each input_dict tensor to the device) leaves it where reading it costs no sync."""
+
+    counts: torch.Tensor
 
 
 class PredispatchedDataset(IterableDataset):
@@ -85,6 +94,18 @@ class PredispatchedDataset(IterableDataset):
             raise ValueError(f"PredispatchedDataset: rank {self.rank}'s sample {j} is not the routed sample "
                              f"{j * self.world_size + self.rank} of {self.reader.path}: the dataset and the "
                              "routes folder hold different token streams (or a different order or length)")
+
+    @staticmethod
+    def collate(batch):
+        """default_collate, but a batch's counts_by_rank summed into `HostCounts` (give it to the
+        dataloader as collate_fn): under torchtitan's trainer they then stay on the host, and the
+        step's splits cost no device-to-host copy at all (as a tensor they are moved to the device
+        with the batch, and read back once per step)."""
+        counts = [item[0].pop("grouter_counts_by_rank", None) for item in batch]
+        input_dict, labels = default_collate(batch)
+        if counts[0] is not None:
+            input_dict["grouter_counts_by_rank"] = HostCounts(torch.stack(counts).sum(0))
+        return input_dict, labels
 
     # torchtitan checkpoints the dataloader through these (Stateful).
     def state_dict(self) -> dict:

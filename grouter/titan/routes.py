@@ -91,13 +91,12 @@ class StepRoutes:
             raise ValueError(f"grouter.titan: routes {tuple(ids.shape)} do not cover the forward's tokens "
                              f"{(B, L)} with top_k={self.top_k}: expected {(B, L, self.top_k)}")
         ids, weights = checked_routes(ids, weights, "grouter.titan routes")
-        host_ids = ids if ids.device.type == "cpu" else None
         ids = ids.to(tokens.device, torch.int64, non_blocking=True)
         weights = weights.to(tokens.device, torch.float32, non_blocking=True)
         self.routing = Routing.prepare(ids, weights, self.num_experts)  # range and duplicate checks: the op's
         self.plans_built += 1
         mesh = self.ep_mesh()
-        self.splits = None if mesh is None else self._splits(mesh, host_ids, counts_by_rank)
+        self.splits = None if mesh is None else self._splits(mesh, counts_by_rank)
 
     def ep_mesh(self):
         meshes = {id(d.ep_mesh): d.ep_mesh for d in self.dispatchers if getattr(d, "ep_mesh", None) is not None}
@@ -106,23 +105,25 @@ class StepRoutes:
                              "step's splits serve every layer, so they must share one")
         return next(iter(meshes.values()), None)
 
-    def _splits(self, mesh, host_ids: Optional[Tensor], counts_by_rank: Optional[Tensor]) -> EPSplits:
+    def _splits(self, mesh, counts_by_rank: Optional[Tensor]) -> EPSplits:
         world, rank, E = mesh.size(), mesh.get_local_rank(), self.num_experts
         if E % world:
             raise ValueError(f"grouter.titan: {E} experts do not divide over {world} expert-parallel ranks")
         local = self.routing.plan.tokens_per_expert()
         if counts_by_rank is not None:
             # Every rank's counts came with the batch (summed over its samples): nothing to exchange.
-            counts = counts_by_rank.to("cpu", torch.int64)
+            counts = getattr(counts_by_rank, "counts", counts_by_rank)  # HostCounts, or a tensor
+            counts = counts.to("cpu", torch.int64)  # a device tensor: the step's one copy back
             counts = counts.sum(0) if counts.dim() == 3 else counts
             if tuple(counts.shape) != (world, E):
                 raise ValueError(f"grouter.titan: grouter_counts_by_rank is {tuple(counts.shape)}, expected "
                                  f"[{world} ranks, {E} experts] (or [batch, {world}, {E}])")
-            if host_ids is not None:  # checked where it costs no device sync
-                mine = torch.bincount(host_ids.reshape(-1).long(), minlength=E)
-                if not torch.equal(mine, counts[rank]):
-                    raise ValueError(f"grouter.titan: grouter_counts_by_rank[{rank}] does not count this rank's "
-                                     "routes: the batch's counts belong to other samples")
+            # This rank's row must count this rank's routes (a batch's counts of other samples
+            # would size the all-to-alls wrongly). Asserted on the device: no host sync; the
+            # other rows are each checked by their own rank.
+            torch._assert_async((local == counts[rank].to(local.device, non_blocking=True)).all(),
+                                f"grouter.titan: grouter_counts_by_rank[{rank}] does not count this rank's routes: "
+                                "the batch's counts belong to other samples")
         else:
             gathered = local.new_empty(world * E)  # flat: gloo's all-gather wants [world * E]
             dist.all_gather_single(gathered, local, group=mesh.get_group())

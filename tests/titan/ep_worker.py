@@ -70,7 +70,8 @@ def main(routes_dir, out_dir, mode, steps, batch):
     AllToAllTokenDispatcher._sync_token_count_exchange = _counting_sync
     reader = grouter.PredispatchReader(routes_dir, g)
     dataset = gt.PredispatchedDataset(reader, rank=rank, world_size=world, counts_by_rank=(mode == "known"))
-    loader = ParallelAwareDataloader(dataset, dp_rank=rank, dp_world_size=world, batch_size=batch)
+    loader = ParallelAwareDataloader(dataset, dp_rank=rank, dp_world_size=world, batch_size=batch,
+                                     collate_fn=gt.PredispatchedDataset.collate)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, per_step = [], []
     for step, (input_dict, labels) in zip(range(steps), loader):

@@ -104,3 +104,40 @@ def test_the_readme_snippet_trains_on_pre_dispatched_routes(tmp_path, monkeypatc
     scope = {"__name__": "readme"}
     exec(compile(code, "README.md", "exec"), scope)
     assert torch.isfinite(scope["loss"]) and scope["model"].grouter_routes.plans_built == 4  # 16 samples / 4
+
+
+class _Mesh:
+    """What StepRoutes reads of an expert-parallel mesh when the counts come with the batch."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def get_local_rank(self):
+        return self._rank
+
+
+def test_counts_by_rank_give_the_splits_and_must_count_this_ranks_routes(routed):
+    from types import SimpleNamespace
+
+    _, _, reader = routed
+    batch = [item for _, item in zip(range(2), gt.PredispatchedDataset(reader, rank=1, world_size=2,
+                                                                        counts_by_rank=True))]
+    input_dict, labels = gt.PredispatchedDataset.collate(batch)
+    counts = input_dict["grouter_counts_by_rank"]
+    assert isinstance(counts, gt.HostCounts) and counts.counts.shape == (2, E)  # summed over the batch
+    routes = gt.StepRoutes(None, E, K)
+    routes.dispatchers = [SimpleNamespace(ep_mesh=_Mesh(2, 1))]
+    routes.prepare(input_dict["grouter_expert_ids"], input_dict["grouter_weights"], input_dict["input"], counts)
+    c = counts.counts
+    assert routes.splits.input_splits == [int(c[1, :4].sum()), int(c[1, 4:].sum())]  # rank 1 sends to ranks 0, 1
+    assert routes.splits.output_splits == [int(c[0, 4:].sum()), int(c[1, 4:].sum())]  # receives for experts 4..7
+    assert torch.equal(routes.splits.recv_counts, c[:, 4:].reshape(-1))
+    assert routes.count_exchanges == 0
+    swapped = gt.HostCounts(c.flip(0))  # rank 0's counts in rank 1's row
+    with pytest.raises(RuntimeError, match="does not count this rank's routes"):
+        routes.prepare(input_dict["grouter_expert_ids"], input_dict["grouter_weights"], input_dict["input"], swapped)
+    with pytest.raises(ValueError, match="expected"):
+        routes.prepare(input_dict["grouter_expert_ids"], input_dict["grouter_weights"], input_dict["input"], c[:1])
