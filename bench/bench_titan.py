@@ -38,10 +38,8 @@ EP_CONFIGS = ("torchtitan", "exchange", "known")
 
 def make_layer(args, config, seed=0):
     from torchtitan.models.common.config_utils import make_moe_config, make_routed_experts_config, make_router_config
-    from torchtitan.models.common.moe import MoE
 
     import grouter.titan as gt
-    from grouter.titan.routes import StepRoutes
 
     init = {"weight": lambda w: torch.nn.init.normal_(w, std=0.02)}
     cfg = make_moe_config(
