@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate
 
 from ..router.predispatch import PredispatchReader
+from .routes import COUNTS_KEY, IDS_KEY, WEIGHTS_KEY
 
 __all__ = ["PredispatchedDataset", "HostCounts"]
 
@@ -57,29 +58,31 @@ class PredispatchedDataset(IterableDataset):
             raise ValueError(f"PredispatchedDataset: {len(reader)} samples cannot feed {world_size} ranks")
         self.position = 0  # samples this rank has yielded (all ranks yield in step)
 
-    def _sample(self, j: int):
-        tokens, ids, weights = self.reader[j * self.world_size + self.rank]
+    def _sample_of(self, j: int, rank: int):
+        """Sample j of `rank`: its tokens and the routes of its input positions."""
+        tokens, ids, weights = self.reader[j * self.world_size + rank]
         return tokens, ids[:-1], weights[:-1]
 
-    def _counts(self, j: int) -> torch.Tensor:
+    def _counts(self, j: int, own_ids: torch.Tensor) -> torch.Tensor:
+        """Rows per expert of the j-th sample of every rank (this rank's from the ids already read)."""
         E = self.reader.header["num_experts"]
-        rows = [self.reader[j * self.world_size + r][1][:-1].reshape(-1) for r in range(self.world_size)]
-        return torch.stack([torch.bincount(r, minlength=E) for r in rows])
+        rows = [own_ids if r == self.rank else self._sample_of(j, r)[1] for r in range(self.world_size)]
+        return torch.stack([torch.bincount(r.reshape(-1), minlength=E) for r in rows])
 
     def __iter__(self) -> Iterator[Any]:
         theirs = iter(self.dataset) if self.dataset is not None else None
         while True:
             while self.position < self.per_rank:
                 j = self.position
-                tokens, ids, weights = self._sample(j)
+                tokens, ids, weights = self._sample_of(j, self.rank)
                 if theirs is not None:
                     item = next(theirs, None)
                     if item is None:
                         return
                     self._check_same(item, tokens, j)
-                item = {"input": tokens[:-1], "grouter_expert_ids": ids, "grouter_weights": weights}
+                item = {"input": tokens[:-1], IDS_KEY: ids, WEIGHTS_KEY: weights}
                 if self.counts_by_rank:
-                    item["grouter_counts_by_rank"] = self._counts(j)
+                    item[COUNTS_KEY] = self._counts(j, ids)
                 self.position += 1
                 yield item, tokens[1:]
             if not self.infinite:
@@ -101,10 +104,10 @@ class PredispatchedDataset(IterableDataset):
         dataloader as collate_fn): under torchtitan's trainer they then stay on the host, and the
         step's splits cost no device-to-host copy at all (as a tensor they are moved to the device
         with the batch, and read back once per step)."""
-        counts = [item[0].pop("grouter_counts_by_rank", None) for item in batch]
+        counts = [item[0].pop(COUNTS_KEY, None) for item in batch]
         input_dict, labels = default_collate(batch)
         if counts[0] is not None:
-            input_dict["grouter_counts_by_rank"] = HostCounts(torch.stack(counts).sum(0))
+            input_dict[COUNTS_KEY] = HostCounts(torch.stack(counts).sum(0))
         return input_dict, labels
 
     # torchtitan checkpoints the dataloader through these (Stateful).

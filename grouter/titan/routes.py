@@ -32,7 +32,8 @@ from ..nn.routing import Routing, checked_routes
 __all__ = ["StepRoutes", "EPSplits", "set_routes", "routes_of", "BATCH_KEYS"]
 
 # The dataloader keys (input_dict) a converted model takes its routes from.
-BATCH_KEYS = ("grouter_expert_ids", "grouter_weights", "grouter_counts_by_rank")
+IDS_KEY, WEIGHTS_KEY, COUNTS_KEY = "grouter_expert_ids", "grouter_weights", "grouter_counts_by_rank"
+BATCH_KEYS = (IDS_KEY, WEIGHTS_KEY, COUNTS_KEY)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,7 @@ class StepRoutes:
     # --- filled once per forward, before any layer --------------------------------------------------
 
     def begin(self, _module, args, kwargs):
-        ids = kwargs.pop("grouter_expert_ids", None)
-        weights = kwargs.pop("grouter_weights", None)
-        counts_by_rank = kwargs.pop("grouter_counts_by_rank", None)
+        ids, weights, counts_by_rank = (kwargs.pop(key, None) for key in BATCH_KEYS)
         tokens = kwargs["tokens"] if "tokens" in kwargs else (args[0] if args else None)
         if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.dim() != 2:
             raise ValueError("grouter.titan: the converted model takes token ids [B, L] as its first argument "
